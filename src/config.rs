@@ -1,0 +1,1004 @@
+//! Configuration: environment variables read with envy, then validated.
+//!
+//! Every variable is read as an optional string so that one bad value never
+//! hides the others: [`Config::from_vars`] collects every problem and reports
+//! them together, each naming its variable.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lettre::message::Mailbox;
+use reqwest::Url;
+use serde::Deserialize;
+
+use crate::event_types::KNOWN_EVENT_TYPES;
+
+/// The prefixes of the variables this program reads.
+pub const VAR_PREFIXES: [&str; 3] = ["KEYCLOAK_", "SMTP_", "NOTIFIER_"];
+
+const DEFAULT_EVENT_TYPES: &str = "REGISTER";
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+const DEFAULT_STATE_DIR: &str = "/data";
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+/// The public client Keycloak creates in every realm for admin tools; the
+/// password grant uses it unless told otherwise, as the original script did.
+const DEFAULT_PASSWORD_CLIENT: &str = "admin-cli";
+
+/// A secret value. Its `Debug` and `Display` never show the value, so a
+/// secret cannot reach a log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the notifier logs in to Keycloak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// OAuth client credentials of a confidential client with a service
+    /// account (recommended).
+    ClientSecret { client_id: String, secret: Secret },
+    /// The resource-owner password grant of a user, as the original script did.
+    Password {
+        client_id: String,
+        username: String,
+        password: Secret,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeycloakConfig {
+    /// The server's base URL without a trailing slash, as given (a legacy
+    /// `/auth` suffix is kept; the client tries without it if needed).
+    pub base_url: Url,
+    /// The realm whose events are watched.
+    pub realm: String,
+    /// The realm the credentials belong to.
+    pub auth_realm: String,
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain connection upgraded with STARTTLS, which must succeed.
+    StartTls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+    /// No encryption at all.
+    None,
+}
+
+impl SmtpSecurity {
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+            SmtpSecurity::None => 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpCredentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub sender: Mailbox,
+    pub recipients: Vec<Mailbox>,
+    /// `None` when no password is set: then no AUTH is attempted.
+    pub credentials: Option<SmtpCredentials>,
+}
+
+/// Where the first run starts reading events, when there is no cursor yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// Only events that happen after the first start.
+    Now,
+    /// Every event Keycloak still stores.
+    Beginning,
+    /// Events from this moment on.
+    At(DateTime<Utc>),
+    /// Events from this long before the first start.
+    Ago(Duration),
+}
+
+impl StartFrom {
+    /// The cursor time (epoch milliseconds) this setting means at `now`.
+    pub fn resolve(self, now: DateTime<Utc>) -> i64 {
+        match self {
+            StartFrom::Now => now.timestamp_millis(),
+            StartFrom::Beginning => 0,
+            StartFrom::At(at) => at.timestamp_millis(),
+            StartFrom::Ago(ago) => {
+                let ago_ms = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+                now.timestamp_millis().saturating_sub(ago_ms).max(0)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub keycloak: KeycloakConfig,
+    pub smtp: SmtpConfig,
+    /// Keycloak event type names, upper case, without duplicates.
+    pub event_types: Vec<String>,
+    pub poll_interval: Duration,
+    pub state_dir: PathBuf,
+    pub start_from: StartFrom,
+    pub page_size: u32,
+}
+
+/// One configuration problem, naming the variable at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub var: String,
+    pub message: String,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  {}: {}", problem.var, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The variables as envy reads them: all optional strings, validated later.
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    keycloak_url: Option<String>,
+    keycloak_realm: Option<String>,
+    keycloak_auth_realm: Option<String>,
+    keycloak_client_id: Option<String>,
+    keycloak_client_secret: Option<String>,
+    keycloak_username: Option<String>,
+    keycloak_password: Option<String>,
+    smtp_host: Option<String>,
+    smtp_port: Option<String>,
+    smtp_security: Option<String>,
+    smtp_sender: Option<String>,
+    smtp_receiver: Option<String>,
+    smtp_username: Option<String>,
+    smtp_password: Option<String>,
+    notifier_event_types: Option<String>,
+    notifier_poll_interval: Option<String>,
+    notifier_state_dir: Option<String>,
+    notifier_start_from: Option<String>,
+    notifier_page_size: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(std::env::vars_os())
+    }
+
+    /// Reads and validates the given variables (the environment, in tests).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut ours = BTreeMap::new();
+        for (key, value) in vars {
+            let Some(key) = key.to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !VAR_PREFIXES.iter().any(|p| key.starts_with(p)) {
+                continue;
+            }
+            match value.into_string() {
+                // An empty value counts as unset, as `VAR=` in an env file means.
+                Ok(value) if value.trim().is_empty() => {}
+                Ok(value) => {
+                    ours.insert(key, value);
+                }
+                Err(_) => problems.push(Problem {
+                    var: key,
+                    message: "is not valid UTF-8".into(),
+                }),
+            }
+        }
+        let raw: RawEnv = match envy::from_iter(ours) {
+            Ok(raw) => raw,
+            // Every field is an optional string, so this cannot happen; report
+            // it rather than panic if it ever does.
+            Err(err) => {
+                problems.push(Problem {
+                    var: "environment".into(),
+                    message: err.to_string(),
+                });
+                RawEnv::default()
+            }
+        };
+        let mut v = Validator { problems };
+        let config = v.config(raw);
+        match config {
+            Some(config) if v.problems.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                problems: v.problems,
+            }),
+        }
+    }
+
+    /// The configuration as a readable list, secrets redacted.
+    pub fn redacted_summary(&self) -> String {
+        let auth = match &self.keycloak.credentials {
+            Credentials::ClientSecret { client_id, .. } => {
+                format!("client credentials of client {client_id:?} (secret redacted)")
+            }
+            Credentials::Password {
+                client_id,
+                username,
+                ..
+            } => format!(
+                "password of user {username:?} via client {client_id:?} (password redacted)"
+            ),
+        };
+        let smtp_auth = match &self.smtp.credentials {
+            Some(c) => format!("as {:?} (password redacted)", c.username),
+            None => "none".into(),
+        };
+        format!(
+            "keycloak={} realm={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
+             state_dir={} start_from={:?} page_size={} smtp={}:{} security={:?} smtp_auth={} \
+             sender={} recipients={}",
+            self.keycloak.base_url,
+            self.keycloak.realm,
+            self.keycloak.auth_realm,
+            auth,
+            self.event_types.join(","),
+            humantime::format_duration(self.poll_interval),
+            self.state_dir.display(),
+            self.start_from,
+            self.page_size,
+            self.smtp.host,
+            self.smtp.port,
+            self.smtp.security,
+            smtp_auth,
+            self.smtp.sender,
+            self.smtp
+                .recipients
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, var: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            var: var.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn required(&mut self, var: &'static str, value: Option<String>) -> Option<String> {
+        let value = value.map(|v| v.trim().to_owned());
+        if value.is_none() {
+            self.problem(var, "must be set");
+        }
+        value
+    }
+
+    fn config(&mut self, raw: RawEnv) -> Option<Config> {
+        let keycloak = self.keycloak(&raw);
+        let smtp = self.smtp(&raw);
+        let event_types = self.event_types(raw.notifier_event_types.as_deref());
+        let poll_interval = self.poll_interval(raw.notifier_poll_interval.as_deref());
+        let state_dir = PathBuf::from(
+            raw.notifier_state_dir
+                .as_deref()
+                .map(str::trim)
+                .unwrap_or(DEFAULT_STATE_DIR),
+        );
+        let start_from = self.start_from(raw.notifier_start_from.as_deref());
+        let page_size = self.page_size(raw.notifier_page_size.as_deref());
+        Some(Config {
+            keycloak: keycloak?,
+            smtp: smtp?,
+            event_types: event_types?,
+            poll_interval: poll_interval?,
+            state_dir,
+            start_from: start_from?,
+            page_size: page_size?,
+        })
+    }
+
+    fn keycloak(&mut self, raw: &RawEnv) -> Option<KeycloakConfig> {
+        let base_url = self
+            .required("KEYCLOAK_URL", raw.keycloak_url.clone())
+            .and_then(|url| match parse_base_url(&url) {
+                Ok(url) => Some(url),
+                Err(message) => {
+                    self.problem("KEYCLOAK_URL", message);
+                    None
+                }
+            });
+        let realm = self
+            .required("KEYCLOAK_REALM", raw.keycloak_realm.clone())
+            .and_then(|realm| self.realm_name("KEYCLOAK_REALM", realm));
+        let auth_realm = match raw.keycloak_auth_realm.clone() {
+            Some(r) => self.realm_name("KEYCLOAK_AUTH_REALM", r.trim().to_owned()),
+            None => realm.clone(),
+        };
+        let credentials = self.credentials(raw);
+        Some(KeycloakConfig {
+            base_url: base_url?,
+            realm: realm?,
+            auth_realm: auth_realm?,
+            credentials: credentials?,
+        })
+    }
+
+    fn realm_name(&mut self, var: &'static str, realm: String) -> Option<String> {
+        if realm.contains('/') || realm.chars().any(char::is_control) {
+            self.problem(var, format!("{realm:?} is not a realm name"));
+            return None;
+        }
+        Some(realm)
+    }
+
+    fn credentials(&mut self, raw: &RawEnv) -> Option<Credentials> {
+        let client_id = raw.keycloak_client_id.as_deref().map(str::trim);
+        // Secrets are taken as given: a space may be part of them.
+        let secret = raw.keycloak_client_secret.clone();
+        let username = raw.keycloak_username.as_deref().map(str::trim);
+        let password = raw.keycloak_password.clone();
+        match (secret, username, password) {
+            (Some(secret), None, None) => match client_id {
+                Some(client_id) => Some(Credentials::ClientSecret {
+                    client_id: client_id.to_owned(),
+                    secret: Secret::new(secret),
+                }),
+                None => {
+                    self.problem(
+                        "KEYCLOAK_CLIENT_ID",
+                        "must be set when KEYCLOAK_CLIENT_SECRET is set",
+                    );
+                    None
+                }
+            },
+            (Some(_), _, _) => {
+                self.problem(
+                    "KEYCLOAK_CLIENT_SECRET",
+                    "is set together with KEYCLOAK_USERNAME/KEYCLOAK_PASSWORD; \
+                     set either a client secret or a username and password",
+                );
+                None
+            }
+            (None, Some(username), Some(password)) => Some(Credentials::Password {
+                client_id: client_id.unwrap_or(DEFAULT_PASSWORD_CLIENT).to_owned(),
+                username: username.to_owned(),
+                password: Secret::new(password),
+            }),
+            (None, Some(_), None) => {
+                self.problem(
+                    "KEYCLOAK_PASSWORD",
+                    "must be set when KEYCLOAK_USERNAME is set",
+                );
+                None
+            }
+            (None, None, Some(_)) => {
+                self.problem(
+                    "KEYCLOAK_USERNAME",
+                    "must be set when KEYCLOAK_PASSWORD is set",
+                );
+                None
+            }
+            (None, None, None) => {
+                self.problem(
+                    "KEYCLOAK_CLIENT_SECRET",
+                    "no Keycloak credentials: set KEYCLOAK_CLIENT_ID and KEYCLOAK_CLIENT_SECRET \
+                     (recommended), or KEYCLOAK_USERNAME and KEYCLOAK_PASSWORD",
+                );
+                None
+            }
+        }
+    }
+
+    fn smtp(&mut self, raw: &RawEnv) -> Option<SmtpConfig> {
+        let host = self.required("SMTP_HOST", raw.smtp_host.clone());
+        let security = match raw.smtp_security.as_deref().map(str::trim) {
+            None => Some(SmtpSecurity::StartTls),
+            Some(s) => match s.to_ascii_lowercase().as_str() {
+                "starttls" => Some(SmtpSecurity::StartTls),
+                "tls" | "ssl" | "smtps" => Some(SmtpSecurity::Tls),
+                "none" | "plain" => Some(SmtpSecurity::None),
+                _ => {
+                    self.problem(
+                        "SMTP_SECURITY",
+                        format!("{s:?} is not one of starttls, tls, none"),
+                    );
+                    None
+                }
+            },
+        };
+        let port = match raw.smtp_port.as_deref().map(str::trim) {
+            None => security.map(SmtpSecurity::default_port),
+            Some(p) => match p.parse::<u16>() {
+                Ok(port) if port > 0 => Some(port),
+                _ => {
+                    self.problem("SMTP_PORT", format!("{p:?} is not a port number (1-65535)"));
+                    None
+                }
+            },
+        };
+        let sender = self
+            .required("SMTP_SENDER", raw.smtp_sender.clone())
+            .and_then(|s| self.mailbox("SMTP_SENDER", &s));
+        let recipients = self
+            .required("SMTP_RECEIVER", raw.smtp_receiver.clone())
+            .and_then(|list| {
+                let mut out = Vec::new();
+                let mut ok = true;
+                for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    match self.mailbox("SMTP_RECEIVER", item) {
+                        Some(m) => out.push(m),
+                        None => ok = false,
+                    }
+                }
+                if ok && out.is_empty() {
+                    self.problem("SMTP_RECEIVER", "lists no address");
+                }
+                (ok && !out.is_empty()).then_some(out)
+            });
+        let credentials = match (raw.smtp_password.clone(), raw.smtp_username.as_deref()) {
+            (Some(password), Some(username)) => Some(Some(SmtpCredentials {
+                username: username.trim().to_owned(),
+                password: Secret::new(password),
+            })),
+            // As in the original script, the sender's address is the login.
+            (Some(password), None) => sender.as_ref().map(|s| {
+                Some(SmtpCredentials {
+                    username: s.email.to_string(),
+                    password: Secret::new(password),
+                })
+            }),
+            (None, Some(_)) => {
+                self.problem(
+                    "SMTP_USERNAME",
+                    "is set but SMTP_PASSWORD is not; set both to log in, or neither",
+                );
+                None
+            }
+            (None, None) => Some(None),
+        };
+        Some(SmtpConfig {
+            host: host?,
+            port: port?,
+            security: security?,
+            sender: sender?,
+            recipients: recipients?,
+            credentials: credentials?,
+        })
+    }
+
+    fn mailbox(&mut self, var: &'static str, value: &str) -> Option<Mailbox> {
+        match value.parse::<Mailbox>() {
+            Ok(m) => Some(m),
+            Err(err) => {
+                self.problem(var, format!("{value:?} is not an email address ({err})"));
+                None
+            }
+        }
+    }
+
+    fn event_types(&mut self, value: Option<&str>) -> Option<Vec<String>> {
+        const VAR: &str = "NOTIFIER_EVENT_TYPES";
+        let mut types: Vec<String> = Vec::new();
+        let mut unknown = Vec::new();
+        for name in value.unwrap_or(DEFAULT_EVENT_TYPES).split(',') {
+            let name = name.trim().to_ascii_uppercase();
+            if name.is_empty() {
+                continue;
+            }
+            if !KNOWN_EVENT_TYPES.contains(&name.as_str()) {
+                unknown.push(name);
+            } else if !types.contains(&name) {
+                types.push(name);
+            }
+        }
+        if !unknown.is_empty() {
+            self.problem(
+                VAR,
+                format!(
+                    "unknown Keycloak event type{} {} (names such as REGISTER, LOGIN_ERROR, \
+                     UPDATE_PASSWORD; see the README)",
+                    if unknown.len() == 1 { "" } else { "s" },
+                    unknown.join(", ")
+                ),
+            );
+            return None;
+        }
+        if types.is_empty() {
+            self.problem(VAR, "lists no event type");
+            return None;
+        }
+        Some(types)
+    }
+
+    fn poll_interval(&mut self, value: Option<&str>) -> Option<Duration> {
+        const VAR: &str = "NOTIFIER_POLL_INTERVAL";
+        let Some(value) = value else {
+            return Some(DEFAULT_POLL_INTERVAL);
+        };
+        let interval = match parse_duration(value) {
+            Ok(d) => d,
+            Err(message) => {
+                self.problem(VAR, message);
+                return None;
+            }
+        };
+        if !(MIN_POLL_INTERVAL..=MAX_POLL_INTERVAL).contains(&interval) {
+            self.problem(VAR, format!("{value:?} is outside the range 1s to 24h"));
+            return None;
+        }
+        Some(interval)
+    }
+
+    fn start_from(&mut self, value: Option<&str>) -> Option<StartFrom> {
+        let Some(value) = value.map(str::trim) else {
+            return Some(StartFrom::Now);
+        };
+        match value.to_ascii_lowercase().as_str() {
+            "now" => return Some(StartFrom::Now),
+            "beginning" | "all" => return Some(StartFrom::Beginning),
+            _ => {}
+        }
+        if let Ok(at) = DateTime::parse_from_rfc3339(value) {
+            return Some(StartFrom::At(at.with_timezone(&Utc)));
+        }
+        if let Ok(ago) = humantime::parse_duration(value) {
+            return Some(StartFrom::Ago(ago));
+        }
+        self.problem(
+            "NOTIFIER_START_FROM",
+            format!(
+                "{value:?} is not `now`, `beginning`, an RFC 3339 time such as \
+                 2026-01-31T08:00:00Z, or a duration ago such as 24h"
+            ),
+        );
+        None
+    }
+
+    fn page_size(&mut self, value: Option<&str>) -> Option<u32> {
+        let Some(value) = value.map(str::trim) else {
+            return Some(DEFAULT_PAGE_SIZE);
+        };
+        match value.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    "NOTIFIER_PAGE_SIZE",
+                    format!("{value:?} is not a number from 1 to {MAX_PAGE_SIZE}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Parses `KEYCLOAK_URL`: http or https, no query or fragment, trailing
+/// slashes removed. A legacy `/auth` path is kept as given.
+pub fn parse_base_url(value: &str) -> Result<Url, String> {
+    let mut url =
+        Url::parse(value.trim()).map_err(|err| format!("{value:?} is not a URL ({err})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{value:?} must start with http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{value:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{value:?} must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not contain credentials; use KEYCLOAK_CLIENT_SECRET or \
+                    KEYCLOAK_USERNAME/KEYCLOAK_PASSWORD"
+                .into(),
+        );
+    }
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&path);
+    Ok(url)
+}
+
+/// Parses a duration such as `30s`, `2m`, `1h 30m`; a bare number means seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(value)
+        .map_err(|err| format!("{value:?} is not a duration such as 30s or 2m ({err})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("KEYCLOAK_URL", "https://sso.example.com/"),
+        ("KEYCLOAK_REALM", "acme"),
+        ("KEYCLOAK_CLIENT_ID", "notifier"),
+        ("KEYCLOAK_CLIENT_SECRET", "a/b=c?d+e&f"),
+        ("SMTP_HOST", "smtp.example.com"),
+        ("SMTP_SENDER", "keycloak@example.com"),
+        ("SMTP_RECEIVER", "admin@example.com"),
+    ];
+
+    fn with(overrides: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        let mut all: BTreeMap<&str, &str> = MINIMAL.iter().copied().collect();
+        for (k, v) in overrides {
+            all.insert(k, v);
+        }
+        vars(&all.into_iter().collect::<Vec<_>>())
+    }
+
+    fn without(names: &[&str]) -> Vec<(OsString, OsString)> {
+        vars(
+            &MINIMAL
+                .iter()
+                .copied()
+                .filter(|(k, _)| !names.contains(k))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn problems(vars: Vec<(OsString, OsString)>) -> Vec<String> {
+        Config::from_vars(vars)
+            .expect_err("config should be rejected")
+            .problems
+            .into_iter()
+            .map(|p| p.var)
+            .collect()
+    }
+
+    #[test]
+    fn minimal_configuration_gets_documented_defaults() {
+        let config = Config::from_vars(vars(MINIMAL)).unwrap();
+        assert_eq!(
+            config.keycloak.base_url.as_str(),
+            "https://sso.example.com/"
+        );
+        assert_eq!(config.keycloak.realm, "acme");
+        assert_eq!(config.keycloak.auth_realm, "acme");
+        assert_eq!(
+            config.keycloak.credentials,
+            Credentials::ClientSecret {
+                client_id: "notifier".into(),
+                secret: Secret::new("a/b=c?d+e&f"),
+            }
+        );
+        assert_eq!(config.event_types, vec!["REGISTER"]);
+        assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(config.state_dir, PathBuf::from("/data"));
+        assert_eq!(config.start_from, StartFrom::Now);
+        assert_eq!(config.page_size, 100);
+        assert_eq!(config.smtp.security, SmtpSecurity::StartTls);
+        assert_eq!(config.smtp.port, 587);
+        assert_eq!(config.smtp.credentials, None);
+    }
+
+    #[test]
+    fn the_original_scripts_variables_work_unchanged() {
+        let config = Config::from_vars(vars(&[
+            ("KEYCLOAK_URL", "https://your-keycloak.com/auth/"),
+            ("KEYCLOAK_REALM", "your-keycloak-realm"),
+            ("KEYCLOAK_USERNAME", "keycloak-admin-user"),
+            ("KEYCLOAK_PASSWORD", "keycloak-admin-password"),
+            ("SMTP_HOST", "smtp.your-host.com"),
+            ("SMTP_PORT", "587"),
+            ("SMTP_SENDER", "mail@your-host.com"),
+            ("SMTP_RECEIVER", "your-receiver@host.com"),
+            ("SMTP_PASSWORD", "your-smtp-password"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.keycloak.base_url.as_str(),
+            "https://your-keycloak.com/auth"
+        );
+        assert_eq!(
+            config.keycloak.credentials,
+            Credentials::Password {
+                client_id: "admin-cli".into(),
+                username: "keycloak-admin-user".into(),
+                password: Secret::new("keycloak-admin-password"),
+            }
+        );
+        assert_eq!(
+            config.smtp.credentials,
+            Some(SmtpCredentials {
+                username: "mail@your-host.com".into(),
+                password: Secret::new("your-smtp-password"),
+            })
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = problems(vars(&[
+            ("KEYCLOAK_URL", "ftp://x"),
+            ("SMTP_PORT", "99999"),
+            ("SMTP_SECURITY", "ssl3"),
+            ("SMTP_RECEIVER", "not-an-address, ok@example.com"),
+            ("NOTIFIER_EVENT_TYPES", "REGISTER, NOPE"),
+            ("NOTIFIER_POLL_INTERVAL", "soon"),
+            ("NOTIFIER_START_FROM", "yesterday-ish"),
+            ("NOTIFIER_PAGE_SIZE", "0"),
+        ]));
+        for var in [
+            "KEYCLOAK_URL",
+            "KEYCLOAK_REALM",
+            "KEYCLOAK_CLIENT_SECRET",
+            "SMTP_HOST",
+            "SMTP_PORT",
+            "SMTP_SECURITY",
+            "SMTP_SENDER",
+            "SMTP_RECEIVER",
+            "NOTIFIER_EVENT_TYPES",
+            "NOTIFIER_POLL_INTERVAL",
+            "NOTIFIER_START_FROM",
+            "NOTIFIER_PAGE_SIZE",
+        ] {
+            assert!(
+                found.iter().any(|f| f == var),
+                "{var} missing from {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_error_message_names_each_variable_on_its_own_line() {
+        let err = Config::from_vars(without(&["SMTP_HOST", "KEYCLOAK_REALM"])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid configuration (2 problems):"),
+            "{text}"
+        );
+        assert!(text.contains("\n  KEYCLOAK_REALM: must be set\n"), "{text}");
+        assert!(text.contains("\n  SMTP_HOST: must be set\n"), "{text}");
+    }
+
+    #[test]
+    fn keycloak_url_accepts_trailing_slash_and_legacy_auth_path() {
+        for (given, expected) in [
+            ("http://kc:8080", "http://kc:8080/"),
+            ("http://kc:8080/", "http://kc:8080/"),
+            ("https://kc.example.com/auth", "https://kc.example.com/auth"),
+            (
+                "https://kc.example.com/auth/",
+                "https://kc.example.com/auth",
+            ),
+            ("https://kc.example.com/sso//", "https://kc.example.com/sso"),
+        ] {
+            assert_eq!(parse_base_url(given).unwrap().as_str(), expected, "{given}");
+        }
+        for bad in [
+            "kc:8080",
+            "ftp://kc",
+            "http://kc/?a=b",
+            "http://u:p@kc/",
+            "http://",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_url_with_credentials_is_rejected_without_echoing_them() {
+        let err =
+            Config::from_vars(with(&[("KEYCLOAK_URL", "https://u:hunter2@kc/")])).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn event_types_are_trimmed_upper_cased_deduplicated_and_checked() {
+        let config = Config::from_vars(with(&[(
+            "NOTIFIER_EVENT_TYPES",
+            " register ,LOGIN_ERROR,, UPDATE_PASSWORD,REGISTER",
+        )]))
+        .unwrap();
+        assert_eq!(
+            config.event_types,
+            vec!["REGISTER", "LOGIN_ERROR", "UPDATE_PASSWORD"]
+        );
+        let err = Config::from_vars(with(&[("NOTIFIER_EVENT_TYPES", "REGISTER,LOGIN_FAILED")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("LOGIN_FAILED"), "{err}");
+        assert_eq!(
+            problems(with(&[("NOTIFIER_EVENT_TYPES", " , ")])),
+            ["NOTIFIER_EVENT_TYPES"]
+        );
+    }
+
+    #[test]
+    fn poll_interval_takes_human_durations_and_bare_seconds() {
+        for (given, secs) in [("30s", 30), ("2m", 120), ("1h 30m", 5400), ("45", 45)] {
+            let config = Config::from_vars(with(&[("NOTIFIER_POLL_INTERVAL", given)])).unwrap();
+            assert_eq!(config.poll_interval, Duration::from_secs(secs), "{given}");
+        }
+        for bad in ["0s", "500ms", "2d", "fast"] {
+            assert_eq!(
+                problems(with(&[("NOTIFIER_POLL_INTERVAL", bad)])),
+                ["NOTIFIER_POLL_INTERVAL"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn start_from_accepts_now_beginning_timestamps_and_durations() {
+        let now = DateTime::parse_from_rfc3339("2026-12-03T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for (given, expected_ms) in [
+            ("now", now.timestamp_millis()),
+            ("NOW", now.timestamp_millis()),
+            ("beginning", 0),
+            ("2026-12-01T00:00:00+01:00", 1_796_079_600_000),
+            ("24h", now.timestamp_millis() - 86_400_000),
+        ] {
+            let config = Config::from_vars(with(&[("NOTIFIER_START_FROM", given)])).unwrap();
+            assert_eq!(config.start_from.resolve(now), expected_ms, "{given}");
+        }
+    }
+
+    #[test]
+    fn smtp_security_sets_the_default_port() {
+        for (security, port) in [("starttls", 587), ("tls", 465), ("none", 25), ("NONE", 25)] {
+            let config = Config::from_vars(with(&[("SMTP_SECURITY", security)])).unwrap();
+            assert_eq!(config.smtp.port, port, "{security}");
+        }
+        let config =
+            Config::from_vars(with(&[("SMTP_SECURITY", "none"), ("SMTP_PORT", "1025")])).unwrap();
+        assert_eq!(config.smtp.port, 1025);
+    }
+
+    #[test]
+    fn several_recipients_are_a_comma_list() {
+        let config = Config::from_vars(with(&[(
+            "SMTP_RECEIVER",
+            "a@example.com, Security Team <sec@example.com>,",
+        )]))
+        .unwrap();
+        let emails: Vec<String> = config
+            .smtp
+            .recipients
+            .iter()
+            .map(|m| m.email.to_string())
+            .collect();
+        assert_eq!(emails, ["a@example.com", "sec@example.com"]);
+    }
+
+    #[test]
+    fn smtp_login_uses_the_username_when_given() {
+        let config =
+            Config::from_vars(with(&[("SMTP_USERNAME", "apikey"), ("SMTP_PASSWORD", "p")]))
+                .unwrap();
+        assert_eq!(config.smtp.credentials.unwrap().username, "apikey");
+        assert_eq!(
+            problems(with(&[("SMTP_USERNAME", "apikey")])),
+            ["SMTP_USERNAME"]
+        );
+    }
+
+    #[test]
+    fn credentials_must_be_one_complete_mode() {
+        assert_eq!(
+            problems(with(&[
+                ("KEYCLOAK_USERNAME", "admin"),
+                ("KEYCLOAK_PASSWORD", "pw")
+            ])),
+            ["KEYCLOAK_CLIENT_SECRET"]
+        );
+        assert_eq!(
+            problems(without(&["KEYCLOAK_CLIENT_ID"])),
+            ["KEYCLOAK_CLIENT_ID"]
+        );
+        assert_eq!(
+            problems(vars(&[
+                ("KEYCLOAK_URL", "http://kc"),
+                ("KEYCLOAK_REALM", "r"),
+                ("KEYCLOAK_USERNAME", "admin"),
+                ("SMTP_HOST", "h"),
+                ("SMTP_SENDER", "a@b.c"),
+                ("SMTP_RECEIVER", "a@b.c"),
+            ])),
+            ["KEYCLOAK_PASSWORD"]
+        );
+    }
+
+    #[test]
+    fn auth_realm_defaults_to_the_watched_realm_and_can_be_master() {
+        let config = Config::from_vars(with(&[("KEYCLOAK_AUTH_REALM", "master")])).unwrap();
+        assert_eq!(config.keycloak.realm, "acme");
+        assert_eq!(config.keycloak.auth_realm, "master");
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let config = Config::from_vars(with(&[("SMTP_PASSWORD", ""), ("SMTP_PORT", " ")])).unwrap();
+        assert_eq!(config.smtp.credentials, None);
+        assert_eq!(config.smtp.port, 587);
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output_or_the_summary() {
+        let config = Config::from_vars(with(&[("SMTP_PASSWORD", "smtp-hunter2")])).unwrap();
+        for text in [format!("{config:?}"), config.redacted_summary()] {
+            assert!(!text.contains("a/b=c?d+e&f"), "{text}");
+            assert!(!text.contains("smtp-hunter2"), "{text}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_non_utf8_value_is_reported_not_a_panic() {
+        use std::os::unix::ffi::OsStringExt;
+        let mut all = vars(MINIMAL);
+        all.push((
+            OsString::from("SMTP_HOST"),
+            OsString::from_vec(vec![0x66, 0xff, 0x6f]),
+        ));
+        all.retain(|(k, v)| k != "SMTP_HOST" || v.to_str().is_none());
+        assert_eq!(problems(all), ["SMTP_HOST", "SMTP_HOST"]);
+    }
+}

@@ -1,0 +1,664 @@
+//! The Keycloak admin REST API: the token, readiness and the events pages.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Credentials, KeycloakConfig};
+use crate::event::{Event, EventDecodeError};
+use crate::tls;
+
+/// Connecting to Keycloak gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole request (a page of events included) gives up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A token is renewed this long before it expires (at most half its life).
+const TOKEN_RENEW_MARGIN: Duration = Duration::from_secs(30);
+/// Start-up waits between tries grow from this…
+const READY_MIN_DELAY: Duration = Duration::from_secs(1);
+/// …to this, with jitter, and never give up.
+const READY_MAX_DELAY: Duration = Duration::from_secs(60);
+/// At most this much of an error body is quoted in a message.
+const MAX_QUOTED_BODY: usize = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeycloakError {
+    #[error("cannot reach Keycloak at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("Keycloak answered {status} for {url}: {body}")]
+    Server {
+        status: StatusCode,
+        url: String,
+        body: String,
+    },
+    #[error(
+        "not found (404) at {url}: {body} (is KEYCLOAK_REALM right, and does the realm exist?)"
+    )]
+    NotFound { url: String, body: String },
+    #[error(
+        "Keycloak rejected the credentials of {who} in realm {realm:?} ({status}): {body}; \
+         check KEYCLOAK_CLIENT_ID/KEYCLOAK_CLIENT_SECRET or KEYCLOAK_USERNAME/KEYCLOAK_PASSWORD \
+         and KEYCLOAK_AUTH_REALM"
+    )]
+    Rejected {
+        who: String,
+        realm: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error(
+        "Keycloak refused access to {url} (403): the account needs the realm-management \
+         role(s) {roles} in realm {realm:?}"
+    )]
+    Forbidden {
+        url: String,
+        realm: String,
+        roles: &'static str,
+    },
+    #[error("Keycloak still answered 401 for {url} with a new token: {body}")]
+    Unauthorized { url: String, body: String },
+    #[error("Keycloak refused the request {url} ({status}): {body}")]
+    Refused {
+        status: StatusCode,
+        url: String,
+        body: String,
+    },
+    #[error("Keycloak sent an unreadable response from {url}: {reason}")]
+    Decode { url: String, reason: String },
+    #[error("stopped while waiting for Keycloak")]
+    Cancelled,
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
+}
+
+impl KeycloakError {
+    /// Whether trying again later may succeed without anyone changing
+    /// anything (an outage, a restart, a realm not imported yet).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            KeycloakError::Unreachable { .. }
+                | KeycloakError::Server { .. }
+                | KeycloakError::NotFound { .. }
+                | KeycloakError::Decode { .. }
+        )
+    }
+}
+
+#[derive(Debug)]
+struct AccessToken {
+    value: String,
+    renew_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A client for one Keycloak server and one watched realm.
+#[derive(Debug)]
+pub struct KeycloakClient {
+    http: reqwest::Client,
+    base: Url,
+    realm: String,
+    auth_realm: String,
+    credentials: Credentials,
+    token: Option<AccessToken>,
+}
+
+impl KeycloakClient {
+    pub fn new(config: &KeycloakConfig) -> Result<Self, KeycloakError> {
+        let setup = |err: &dyn std::error::Error| KeycloakError::Setup(error_chain(err));
+        let tls = tls::client_config().map_err(|err| setup(&err))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("keycloak-notifier/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| setup(&err))?;
+        Ok(Self {
+            http,
+            base: config.base_url.clone(),
+            realm: config.realm.clone(),
+            auth_realm: config.auth_realm.clone(),
+            credentials: config.credentials.clone(),
+            token: None,
+        })
+    }
+
+    /// The base URL in use (it may have lost or gained a legacy `/auth`).
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// Waits until Keycloak hands out a token, with exponential backoff and
+    /// jitter and no cap on the tries. Credentials that Keycloak rejects end
+    /// the wait with an error: waiting would not fix them.
+    pub async fn wait_until_ready(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<(), KeycloakError> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(READY_MIN_DELAY)
+            .with_max_delay(READY_MAX_DELAY)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        for attempt in 1u64.. {
+            match self.login_trying_legacy_path().await {
+                Ok(()) => {
+                    info!(url = %self.base, realm = %self.realm, attempt, "Keycloak is ready");
+                    return Ok(());
+                }
+                Err(err) if err.is_retryable() => {
+                    let delay = delays.next().unwrap_or(READY_MAX_DELAY);
+                    warn!(
+                        attempt,
+                        retry_in = %humantime::format_duration(round_to_ms(delay)),
+                        error = %err,
+                        "Keycloak is not ready yet"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return Err(KeycloakError::Cancelled),
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        unreachable!("the attempt counter does not run out")
+    }
+
+    /// Logs in at the configured URL; if that is a 404 and the URL has (or
+    /// lacks) the legacy `/auth` path, tries the other form and keeps the
+    /// one that works.
+    async fn login_trying_legacy_path(&mut self) -> Result<(), KeycloakError> {
+        match self.login().await {
+            Err(KeycloakError::NotFound { url, body }) => {
+                let configured = self.base.clone();
+                self.base = toggle_legacy_auth_path(&configured);
+                match self.login().await {
+                    Ok(()) => {
+                        warn!(
+                            configured = %configured,
+                            using = %self.base,
+                            "KEYCLOAK_URL does not match where Keycloak serves its API; \
+                             using the other form (set KEYCLOAK_URL to it to silence this)"
+                        );
+                        Ok(())
+                    }
+                    Err(_) => {
+                        self.base = configured;
+                        Err(KeycloakError::NotFound { url, body })
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn login(&mut self) -> Result<(), KeycloakError> {
+        self.token = Some(self.request_token().await?);
+        Ok(())
+    }
+
+    async fn request_token(&self) -> Result<AccessToken, KeycloakError> {
+        let url = self.url(&[
+            "realms",
+            &self.auth_realm,
+            "protocol",
+            "openid-connect",
+            "token",
+        ]);
+        // Everything goes in the form body, which reqwest URL-encodes, so
+        // secrets with `/ = ? + &` arrive intact.
+        let form: Vec<(&str, &str)> = match &self.credentials {
+            Credentials::ClientSecret { client_id, secret } => vec![
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret.expose()),
+            ],
+            Credentials::Password {
+                client_id,
+                username,
+                password,
+            } => vec![
+                ("grant_type", "password"),
+                ("client_id", client_id),
+                ("username", username),
+                ("password", password.expose()),
+            ],
+        };
+        let started = Instant::now();
+        let response = self
+            .http
+            .post(url.clone())
+            .form(&form)
+            .send()
+            .await
+            .map_err(|err| unreachable_error(&url, &err))?;
+        let status = response.status();
+        if status.is_success() {
+            let token: TokenResponse =
+                response.json().await.map_err(|err| KeycloakError::Decode {
+                    url: url.to_string(),
+                    reason: error_chain(&err),
+                })?;
+            let lifetime = Duration::from_secs(token.expires_in.unwrap_or(60));
+            let margin = TOKEN_RENEW_MARGIN.min(lifetime / 2);
+            debug!(lifetime_s = lifetime.as_secs(), "got a new access token");
+            return Ok(AccessToken {
+                value: token.access_token,
+                renew_at: started + lifetime - margin,
+            });
+        }
+        let body = quoted_body(response).await;
+        Err(match status {
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => KeycloakError::Rejected {
+                who: match &self.credentials {
+                    Credentials::ClientSecret { client_id, .. } => format!("client {client_id:?}"),
+                    Credentials::Password { username, .. } => format!("user {username:?}"),
+                },
+                realm: self.auth_realm.clone(),
+                status,
+                body,
+            },
+            other => status_error(other, &url, body, &self.realm, ""),
+        })
+    }
+
+    /// A valid access token, renewed when it is about to expire.
+    async fn token(&mut self) -> Result<String, KeycloakError> {
+        match &self.token {
+            Some(token) if Instant::now() < token.renew_at => Ok(token.value.clone()),
+            _ => {
+                self.login().await?;
+                Ok(self
+                    .token
+                    .as_ref()
+                    .map(|t| t.value.clone())
+                    .unwrap_or_default())
+            }
+        }
+    }
+
+    /// One page of the realm's events of the given types, oldest first, from
+    /// `date_from` (epoch ms, inclusive).
+    pub async fn events_page(
+        &mut self,
+        types: &[String],
+        date_from: i64,
+        first: u32,
+        max: u32,
+    ) -> Result<Vec<Event>, KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, "events"]);
+        let mut query: Vec<(&str, String)> = types.iter().map(|t| ("type", t.clone())).collect();
+        query.extend([
+            ("direction", "asc".to_owned()),
+            ("dateFrom", date_from.to_string()),
+            ("first", first.to_string()),
+            ("max", max.to_string()),
+        ]);
+        let body = self.get_json(&url, &query, "view-events").await?;
+        Event::parse_page(&body).map_err(|err: EventDecodeError| KeycloakError::Decode {
+            url: url.to_string(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// GET with the bearer token; on a 401 the token is renewed once.
+    async fn get_json(
+        &mut self,
+        url: &Url,
+        query: &[(&str, String)],
+        roles: &'static str,
+    ) -> Result<serde_json::Value, KeycloakError> {
+        let mut renewed = false;
+        loop {
+            let token = self.token().await?;
+            let response = self
+                .http
+                .get(url.clone())
+                .query(query)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map_err(|err| unreachable_error(url, &err))?;
+            let status = response.status();
+            if status.is_success() {
+                return response.json().await.map_err(|err| KeycloakError::Decode {
+                    url: url.to_string(),
+                    reason: error_chain(&err),
+                });
+            }
+            let body = quoted_body(response).await;
+            if status == StatusCode::UNAUTHORIZED {
+                if !renewed {
+                    debug!(%url, "401 from Keycloak; renewing the token once");
+                    self.token = None;
+                    renewed = true;
+                    continue;
+                }
+                return Err(KeycloakError::Unauthorized {
+                    url: url.to_string(),
+                    body,
+                });
+            }
+            return Err(status_error(status, url, body, &self.realm, roles));
+        }
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+}
+
+fn status_error(
+    status: StatusCode,
+    url: &Url,
+    body: String,
+    realm: &str,
+    roles: &'static str,
+) -> KeycloakError {
+    let url = url.to_string();
+    match status {
+        StatusCode::NOT_FOUND => KeycloakError::NotFound { url, body },
+        StatusCode::FORBIDDEN => KeycloakError::Forbidden {
+            url,
+            realm: realm.to_owned(),
+            roles,
+        },
+        s if s.is_server_error() => KeycloakError::Server { status, url, body },
+        _ => KeycloakError::Refused { status, url, body },
+    }
+}
+
+fn unreachable_error(url: &Url, err: &reqwest::Error) -> KeycloakError {
+    KeycloakError::Unreachable {
+        url: url.to_string(),
+        reason: error_chain(err),
+    }
+}
+
+/// An error and its causes on one line ("error sending request: … :
+/// Connection refused").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The start of an error response's body, on one line.
+async fn quoted_body(response: reqwest::Response) -> String {
+    let text = response.text().await.unwrap_or_default();
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_QUOTED_BODY)
+        .collect();
+    if text.chars().count() > MAX_QUOTED_BODY {
+        line.push('…');
+    }
+    if line.trim().is_empty() {
+        "(empty body)".into()
+    } else {
+        line
+    }
+}
+
+/// `https://kc/auth` ↔ `https://kc`: Keycloak 17+ serves at the root unless
+/// its `http-relative-path` says otherwise; older ones served under `/auth`.
+pub fn toggle_legacy_auth_path(base: &Url) -> Url {
+    let mut other = base.clone();
+    let path = base.path().trim_end_matches('/');
+    match path.strip_suffix("/auth") {
+        Some(rest) => other.set_path(rest),
+        None => other.set_path(&format!("{path}/auth")),
+    }
+    other
+}
+
+fn round_to_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use wiremock::matchers::{body_string_contains, header, method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    fn config(base: &str, credentials: Credentials) -> KeycloakConfig {
+        KeycloakConfig {
+            base_url: crate::config::parse_base_url(base).unwrap(),
+            realm: "test".into(),
+            auth_realm: "test".into(),
+            credentials,
+        }
+    }
+
+    fn client_secret(secret: &str) -> Credentials {
+        Credentials::ClientSecret {
+            client_id: "notifier".into(),
+            secret: Secret::new(secret),
+        }
+    }
+
+    fn token_ok(token: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"access_token": token, "expires_in": 300}))
+    }
+
+    #[test]
+    fn the_legacy_auth_path_toggles_both_ways() {
+        let with = Url::parse("https://kc.example.com/auth").unwrap();
+        let without = Url::parse("https://kc.example.com/").unwrap();
+        assert_eq!(
+            toggle_legacy_auth_path(&with).as_str(),
+            "https://kc.example.com/"
+        );
+        assert_eq!(
+            toggle_legacy_auth_path(&without).as_str(),
+            "https://kc.example.com/auth"
+        );
+        let nested = Url::parse("https://example.com/sso").unwrap();
+        assert_eq!(
+            toggle_legacy_auth_path(&nested).as_str(),
+            "https://example.com/sso/auth"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_client_secret_is_form_encoded_and_events_are_asked_for_in_order() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/realms/test/protocol/openid-connect/token"))
+            .and(body_string_contains("grant_type=client_credentials"))
+            .and(body_string_contains("client_secret=a%2Fb%3Dc%3Fd%2Be%26f"))
+            .respond_with(token_ok("tok-1"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/admin/realms/test/events"))
+            .and(header("authorization", "Bearer tok-1"))
+            .and(query_param("direction", "asc"))
+            .and(query_param("dateFrom", "1234"))
+            .and(query_param("first", "200"))
+            .and(query_param("max", "100"))
+            .and(query_param("type", "LOGIN_ERROR"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([
+                {"id": "e1", "time": 1234, "type": "REGISTER"}
+            ])))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let mut client =
+            KeycloakClient::new(&config(&server.uri(), client_secret("a/b=c?d+e&f"))).unwrap();
+        let page = client
+            .events_page(&["REGISTER".into(), "LOGIN_ERROR".into()], 1234, 200, 100)
+            .await
+            .unwrap();
+        assert_eq!(page[0].id.as_deref(), Some("e1"));
+        let requests = server.received_requests().await.unwrap();
+        let query = requests[1].url.query().unwrap();
+        assert!(query.contains("type=REGISTER&type=LOGIN_ERROR"), "{query}");
+    }
+
+    #[tokio::test]
+    async fn a_401_renews_the_token_once_then_retries() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(token_ok("tok"))
+            .expect(2)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(401))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([])))
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(&server.uri(), client_secret("s"))).unwrap();
+        assert!(
+            client
+                .events_page(&["REGISTER".into()], 0, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_403_names_the_missing_role() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(token_ok("tok"))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(403))
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(&server.uri(), client_secret("s"))).unwrap();
+        let err = client
+            .events_page(&["REGISTER".into()], 0, 0, 10)
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("view-events"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rejected_credentials_stop_the_wait_without_showing_the_secret() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+                "error": "unauthorized_client",
+                "error_description": "Invalid client or Invalid client credentials"
+            })))
+            .mount(&server)
+            .await;
+        let mut client =
+            KeycloakClient::new(&config(&server.uri(), client_secret("hunter2"))).unwrap();
+        let err = client
+            .wait_until_ready(&CancellationToken::new())
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("Invalid client credentials"), "{text}");
+        assert!(text.contains("KEYCLOAK_CLIENT_SECRET"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_legacy_auth_path_is_dropped_when_keycloak_serves_at_the_root() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/realms/test/protocol/openid-connect/token"))
+            .respond_with(token_ok("tok"))
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(
+            &format!("{}/auth/", server.uri()),
+            client_secret("s"),
+        ))
+        .unwrap();
+        client
+            .wait_until_ready(&CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(client.base_url().path(), "/");
+    }
+
+    #[tokio::test]
+    async fn the_password_grant_uses_admin_cli_like_the_original_script() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(body_string_contains("grant_type=password"))
+            .and(body_string_contains("client_id=admin-cli"))
+            .and(body_string_contains("username=admin"))
+            .and(body_string_contains("password=p%26w"))
+            .respond_with(token_ok("tok"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(
+            &server.uri(),
+            Credentials::Password {
+                client_id: "admin-cli".into(),
+                username: "admin".into(),
+                password: Secret::new("p&w"),
+            },
+        ))
+        .unwrap();
+        client
+            .wait_until_ready(&CancellationToken::new())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_error_while_starting_is_retried_until_it_answers() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(503))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(token_ok("tok"))
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(&server.uri(), client_secret("s"))).unwrap();
+        client
+            .wait_until_ready(&CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(server.received_requests().await.unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,16 @@
+//! keycloak-notifier: polls the Keycloak admin REST API for events and mails
+//! each new one to administrators.
+//!
+//! `main.rs` only wires these modules together.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod cursor;
+pub mod daemon;
+pub mod event;
+pub mod event_types;
+pub mod keycloak;
+pub mod mail;
+pub mod poller;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,462 @@
+//! The mail for one event: rendering (pure) and sending over SMTP.
+//!
+//! Event fields are typed by users, so every value is treated as hostile:
+//! control characters never reach a header (lettre panics on CRLF in a
+//! display name), values in the body are escaped visibly, and long values
+//! are cut.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::DateTime;
+use lettre::message::header::ContentType;
+use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::config::{SmtpConfig, SmtpSecurity};
+use crate::event::Event;
+use crate::keycloak::error_chain;
+
+/// One SMTP command (connect, TLS, a reply) gives up after this long.
+const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle pooled SMTP connection is closed after this long.
+const SMTP_IDLE: Duration = Duration::from_secs(60);
+/// Subjects are cut to this many characters.
+const MAX_SUBJECT_CHARS: usize = 200;
+/// Each value in the body is cut to this many characters.
+const MAX_VALUE_CHARS: usize = 2_000;
+/// At most this many detail entries are listed; the rest are counted.
+const MAX_DETAILS: usize = 50;
+/// Shown where the event has no value.
+const ABSENT: &str = "-";
+
+/// A rendered notification, before addresses are attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub subject: String,
+    pub body: String,
+    /// Derived from the realm and the event key only, so a re-sent mail has
+    /// the same Message-ID and receivers can drop the duplicate.
+    pub message_id: String,
+}
+
+/// Renders the mail for `event` of `realm`. `domain` goes into the
+/// Message-ID (the sender's domain).
+pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
+    let who = match (event.username(), event.email()) {
+        (Some(user), Some(email)) if user != email => format!("{user} ({email})"),
+        (Some(user), _) => user.to_owned(),
+        (None, Some(email)) => email.to_owned(),
+        (None, None) => event.user_id.clone().unwrap_or_default(),
+    };
+    let subject = if who.is_empty() {
+        format!("[Keycloak {realm}] {}", event.kind)
+    } else {
+        format!("[Keycloak {realm}] {}: {who}", event.kind)
+    };
+    let subject = header_text(&subject, MAX_SUBJECT_CHARS);
+
+    let time = DateTime::from_timestamp_millis(event.time)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{} ms after the epoch (out of range)", event.time));
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "Keycloak event {} in realm {}.\n",
+        body_text(&event.kind),
+        body_text(realm)
+    );
+    let rows: [(&str, Option<&str>); 11] = [
+        ("Time (UTC)", Some(&time)),
+        ("Realm", Some(realm)),
+        ("Event type", Some(&event.kind)),
+        ("Username", event.username()),
+        ("Email", event.email()),
+        ("User ID", event.user_id.as_deref()),
+        ("IP address", event.ip_address.as_deref()),
+        ("Client", event.client_id.as_deref()),
+        ("Error", event.error.as_deref()),
+        ("Session ID", event.session_id.as_deref()),
+        ("Event ID", event.id.as_deref()),
+    ];
+    for (label, value) in rows {
+        let value = value.map_or_else(|| ABSENT.to_owned(), body_text);
+        let _ = writeln!(body, "{:<12}{value}", format!("{label}:"));
+    }
+    body.push_str("\nDetails:\n");
+    if event.details.is_empty() {
+        let _ = writeln!(body, "  {ABSENT}");
+    }
+    for (key, value) in event.details.iter().take(MAX_DETAILS) {
+        let _ = writeln!(body, "  {} = {}", body_text(key), body_text(value));
+    }
+    if event.details.len() > MAX_DETAILS {
+        let _ = writeln!(
+            body,
+            "  … and {} more details not shown",
+            event.details.len() - MAX_DETAILS
+        );
+    }
+    let _ = write!(
+        body,
+        "\n-- \nkeycloak-notifier {} watching realm {}\n",
+        env!("CARGO_PKG_VERSION"),
+        body_text(realm)
+    );
+
+    Rendered {
+        subject,
+        body,
+        message_id: format!(
+            "<kn.{}.{}@{}>",
+            id_safe(realm),
+            id_safe(&event.dedupe_key()),
+            domain_safe(domain)
+        ),
+    }
+}
+
+/// Text for a header: control characters (CR, LF, tabs, the Unicode line
+/// separators) become spaces, runs of spaces collapse, and the result is cut.
+pub fn header_text(value: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(max_chars * 4));
+    let mut chars = 0;
+    let mut last_space = true;
+    for c in value.chars() {
+        let c = if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || c.is_whitespace() {
+            ' '
+        } else {
+            c
+        };
+        if c == ' ' && last_space {
+            continue;
+        }
+        if chars == max_chars {
+            out.push('…');
+            return out;
+        }
+        last_space = c == ' ';
+        out.push(c);
+        chars += 1;
+    }
+    out.trim_end().to_owned()
+}
+
+/// Text for one value in the body: control characters escaped visibly
+/// (`\n`, `\u{7}`), so an injected line break shows as what it is, and cut to
+/// [`MAX_VALUE_CHARS`] with the full length said.
+pub fn body_text(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(MAX_VALUE_CHARS + 64));
+    for (count, c) in value.chars().enumerate() {
+        if count == MAX_VALUE_CHARS {
+            let _ = write!(out, "… (cut, {} characters in all)", value.chars().count());
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A Message-ID part: letters, digits and `-` kept, anything else `=XX`.
+fn id_safe(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "={byte:02X}");
+        }
+    }
+    if out.is_empty() { "-".into() } else { out }
+}
+
+fn domain_safe(domain: &str) -> String {
+    let ok = !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        domain.to_owned()
+    } else {
+        "keycloak-notifier.invalid".into()
+    }
+}
+
+/// Why a mail was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("cannot build the mail: {0}")]
+    Build(String),
+    #[error("cannot set up SMTP for {host}:{port}: {reason}")]
+    Setup {
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    #[error("the SMTP server did not accept the mail: {0}")]
+    Send(String),
+}
+
+/// Attaches the configured addresses to a rendered mail.
+pub fn build_message(rendered: Rendered, smtp: &SmtpConfig) -> Result<Message, MailError> {
+    let mut builder = Message::builder()
+        .from(smtp.sender.clone())
+        .subject(rendered.subject)
+        .message_id(Some(rendered.message_id))
+        .header(ContentType::TEXT_PLAIN);
+    for recipient in &smtp.recipients {
+        builder = builder.to(recipient.clone());
+    }
+    builder
+        .body(rendered.body)
+        .map_err(|err| MailError::Build(err.to_string()))
+}
+
+/// Something that delivers mails: SMTP in the product, a recorder in tests.
+pub trait Mailer {
+    /// Resolves when the server has accepted the mail.
+    fn send(&self, message: Message) -> impl Future<Output = Result<(), MailError>> + Send;
+}
+
+/// SMTP through one pooled transport, built once, whose connection is reused.
+#[derive(Clone)]
+pub struct SmtpMailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+impl SmtpMailer {
+    pub fn new(smtp: &SmtpConfig) -> Result<Self, MailError> {
+        let setup = |reason: String| MailError::Setup {
+            host: smtp.host.clone(),
+            port: smtp.port,
+            reason,
+        };
+        let tls = || {
+            TlsParameters::builder(smtp.host.clone())
+                .build_rustls()
+                .map_err(|err| setup(error_chain(&err)))
+        };
+        let tls = match smtp.security {
+            SmtpSecurity::StartTls => Tls::Required(tls()?),
+            SmtpSecurity::Tls => Tls::Wrapper(tls()?),
+            SmtpSecurity::None => Tls::None,
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
+            .port(smtp.port)
+            .tls(tls)
+            .timeout(Some(SMTP_TIMEOUT))
+            .pool_config(PoolConfig::new().max_size(1).idle_timeout(SMTP_IDLE));
+        // No password, no AUTH: servers such as Mailpit offer none and
+        // refuse the command.
+        if let Some(credentials) = &smtp.credentials {
+            builder = builder.credentials(Credentials::new(
+                credentials.username.clone(),
+                credentials.password.expose().to_owned(),
+            ));
+        }
+        Ok(Self {
+            transport: builder.build(),
+        })
+    }
+}
+
+impl Mailer for SmtpMailer {
+    async fn send(&self, message: Message) -> Result<(), MailError> {
+        self.transport
+            .send(message)
+            .await
+            .map(|_| ())
+            .map_err(|err| MailError::Send(error_chain(&err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::tests::register_event;
+    use proptest::prelude::*;
+
+    fn smtp() -> SmtpConfig {
+        SmtpConfig {
+            host: "localhost".into(),
+            port: 25,
+            security: SmtpSecurity::None,
+            sender: "Keycloak <kc@example.com>".parse().unwrap(),
+            recipients: vec![
+                "a@example.com".parse().unwrap(),
+                "b@example.com".parse().unwrap(),
+            ],
+            credentials: None,
+        }
+    }
+
+    #[test]
+    fn a_registration_reads_well() {
+        let event = register_event("4b1d6a7e-7f3c-4d4e-9a55-0c7d1c2f9b10", 1_764_763_200_123);
+        let mail = render(&event, "test", "example.com");
+        assert_eq!(
+            mail.subject,
+            "[Keycloak test] REGISTER: alice (alice@example.test)"
+        );
+        assert_eq!(
+            mail.message_id,
+            "<kn.test.4b1d6a7e-7f3c-4d4e-9a55-0c7d1c2f9b10@example.com>"
+        );
+        for line in [
+            "Keycloak event REGISTER in realm test.",
+            "Time (UTC): 2025-12-03T12:00:00.123Z",
+            "Realm:      test",
+            "Event type: REGISTER",
+            "Username:   alice",
+            "Email:      alice@example.test",
+            "User ID:    0b9e1f6c-user",
+            "IP address: 192.0.2.7",
+            "Client:     web",
+            "Error:      -",
+            "  register_method = form",
+        ] {
+            assert!(
+                mail.body.contains(line),
+                "missing {line:?} in\n{}",
+                mail.body
+            );
+        }
+    }
+
+    #[test]
+    fn the_message_id_depends_only_on_realm_and_event() {
+        let a = render(&register_event("id-1", 1), "test", "example.com");
+        let mut later = register_event("id-1", 1);
+        later.details.insert("username".into(), "changed".into());
+        assert_eq!(
+            a.message_id,
+            render(&later, "test", "example.com").message_id
+        );
+        assert_ne!(
+            a.message_id,
+            render(&register_event("id-2", 1), "test", "example.com").message_id
+        );
+        assert_ne!(
+            a.message_id,
+            render(&register_event("id-1", 1), "prod", "example.com").message_id
+        );
+        assert_eq!(
+            render(&register_event("x", 1), "my realm", "bad domain").message_id,
+            "<kn.my=20realm.x@keycloak-notifier.invalid>"
+        );
+    }
+
+    #[test]
+    fn crlf_in_a_username_cannot_inject_a_header() {
+        let mut event = register_event("e", 1);
+        event.details.insert(
+            "username".into(),
+            "mallory\r\nBcc: victim@example.com\r\n\r\n<script>".into(),
+        );
+        let mail = render(&event, "test", "example.com");
+        assert!(!mail.subject.contains(['\r', '\n']));
+        assert!(
+            mail.body
+                .contains("mallory\\r\\nBcc: victim@example.com\\r\\n\\r\\n<script>")
+        );
+        let raw = String::from_utf8(build_message(mail, &smtp()).unwrap().formatted()).unwrap();
+        assert!(!raw.lines().any(|l| l.starts_with("Bcc:")), "{raw}");
+    }
+
+    #[test]
+    fn a_megabyte_value_is_cut_and_says_so() {
+        let mut event = register_event("e", 1);
+        event
+            .details
+            .insert("username".into(), "x".repeat(1_000_000));
+        let mail = render(&event, "test", "example.com");
+        assert!(mail.subject.chars().count() <= MAX_SUBJECT_CHARS + 1);
+        assert!(mail.body.contains("(cut, 1000000 characters in all)"));
+        assert!(mail.body.len() < 20_000, "{}", mail.body.len());
+    }
+
+    #[test]
+    fn many_details_are_counted_not_listed() {
+        let mut event = register_event("e", 1);
+        for i in 0..500 {
+            event.details.insert(format!("k{i:03}"), "v".into());
+        }
+        let body = render(&event, "test", "example.com").body;
+        assert!(body.contains("… and 454 more details not shown"), "{body}");
+    }
+
+    #[test]
+    fn an_event_with_nothing_but_time_and_type_still_renders() {
+        let event =
+            Event::parse_page(&serde_json::json!([{"time": i64::MAX, "type": "LOGIN_ERROR"}]))
+                .unwrap()
+                .remove(0);
+        let mail = render(&event, "test", "example.com");
+        assert_eq!(mail.subject, "[Keycloak test] LOGIN_ERROR");
+        assert!(mail.body.contains("(out of range)"));
+        build_message(mail, &smtp()).unwrap();
+    }
+
+    #[test]
+    fn the_mail_goes_to_every_recipient_as_plain_text() {
+        let message = build_message(
+            render(&register_event("e", 1), "test", "example.com"),
+            &smtp(),
+        )
+        .unwrap();
+        let to: Vec<String> = message
+            .envelope()
+            .to()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(to, ["a@example.com", "b@example.com"]);
+        let raw = String::from_utf8(message.formatted()).unwrap();
+        assert!(
+            raw.contains("Content-Type: text/plain; charset=utf-8"),
+            "{raw}"
+        );
+        assert!(raw.contains("Message-ID: <kn.test.e@example.com>"), "{raw}");
+    }
+
+    proptest! {
+        /// Whatever an event holds, rendering and building never panic and
+        /// no header line comes from event data.
+        #[test]
+        fn hostile_fields_never_panic_or_inject_headers(
+            username in any::<String>(),
+            email in ".{0,40}",
+            kind in "[A-Z_]{1,20}",
+            ip in any::<String>(),
+            extra in proptest::collection::btree_map(any::<String>(), any::<String>(), 0..8),
+            time in any::<i64>(),
+        ) {
+            let mut event = register_event("id", 0);
+            event.time = time;
+            event.kind = kind;
+            event.ip_address = Some(ip);
+            event.details = extra;
+            event.details.insert("username".into(), format!("{username}\r\nX-Injected: 1"));
+            event.details.insert("email".into(), email);
+            let mail = render(&event, "test", "example.com");
+            prop_assert!(!mail.subject.chars().any(|c| c.is_control()));
+            let raw = String::from_utf8_lossy(&build_message(mail, &smtp()).unwrap().formatted()).into_owned();
+            let headers = raw.split("\r\n\r\n").next().unwrap_or_default();
+            prop_assert!(!headers.lines().any(|l| l.starts_with("X-Injected")), "{}", headers);
+        }
+    }
+}
