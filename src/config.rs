@@ -13,7 +13,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use lettre::message::Mailbox;
 use reqwest::Url;
-use serde::Deserialize;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
 
 use crate::event_types::KNOWN_EVENT_TYPES;
 
@@ -24,7 +26,7 @@ const DEFAULT_EVENT_TYPES: &str = "REGISTER";
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
-const DEFAULT_STATE_DIR: &str = "/data";
+pub const DEFAULT_STATE_DIR: &str = "/data";
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// The public client Keycloak creates in every realm for admin tools; the
@@ -77,6 +79,8 @@ pub struct KeycloakConfig {
     /// The realm the credentials belong to.
     pub auth_realm: String,
     pub credentials: Credentials,
+    /// Extra trusted CAs (`KEYCLOAK_CA_FILE`), beside the bundled roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +118,8 @@ pub struct SmtpConfig {
     pub recipients: Vec<Mailbox>,
     /// `None` when no password is set: then no AUTH is attempted.
     pub credentials: Option<SmtpCredentials>,
+    /// Extra trusted CAs (`SMTP_CA_FILE`), beside the bundled roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 /// Where the first run starts reading events, when there is no cursor yet.
@@ -186,16 +192,47 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Every variable the notifier reads (besides `RUST_LOG`).
+pub const KNOWN_VARS: &[&str] = &[
+    "KEYCLOAK_URL",
+    "KEYCLOAK_REALM",
+    "KEYCLOAK_AUTH_REALM",
+    "KEYCLOAK_CLIENT_ID",
+    "KEYCLOAK_CLIENT_SECRET",
+    "KEYCLOAK_CLIENT_SECRET_FILE",
+    "KEYCLOAK_USERNAME",
+    "KEYCLOAK_PASSWORD",
+    "KEYCLOAK_PASSWORD_FILE",
+    "KEYCLOAK_CA_FILE",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_SECURITY",
+    "SMTP_SENDER",
+    "SMTP_RECEIVER",
+    "SMTP_USERNAME",
+    "SMTP_PASSWORD",
+    "SMTP_PASSWORD_FILE",
+    "SMTP_CA_FILE",
+    "NOTIFIER_EVENT_TYPES",
+    "NOTIFIER_POLL_INTERVAL",
+    "NOTIFIER_STATE_DIR",
+    "NOTIFIER_START_FROM",
+    "NOTIFIER_PAGE_SIZE",
+];
+
 /// The variables as envy reads them: all optional strings, validated later.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 struct RawEnv {
     keycloak_url: Option<String>,
     keycloak_realm: Option<String>,
     keycloak_auth_realm: Option<String>,
     keycloak_client_id: Option<String>,
     keycloak_client_secret: Option<String>,
+    keycloak_client_secret_file: Option<String>,
     keycloak_username: Option<String>,
     keycloak_password: Option<String>,
+    keycloak_password_file: Option<String>,
+    keycloak_ca_file: Option<String>,
     smtp_host: Option<String>,
     smtp_port: Option<String>,
     smtp_security: Option<String>,
@@ -203,6 +240,8 @@ struct RawEnv {
     smtp_receiver: Option<String>,
     smtp_username: Option<String>,
     smtp_password: Option<String>,
+    smtp_password_file: Option<String>,
+    smtp_ca_file: Option<String>,
     notifier_event_types: Option<String>,
     notifier_poll_interval: Option<String>,
     notifier_state_dir: Option<String>,
@@ -329,7 +368,22 @@ impl Validator {
         value
     }
 
-    fn config(&mut self, raw: RawEnv) -> Option<Config> {
+    fn config(&mut self, mut raw: RawEnv) -> Option<Config> {
+        raw.keycloak_client_secret = self.secret(
+            "KEYCLOAK_CLIENT_SECRET",
+            raw.keycloak_client_secret.take(),
+            raw.keycloak_client_secret_file.as_deref(),
+        );
+        raw.keycloak_password = self.secret(
+            "KEYCLOAK_PASSWORD",
+            raw.keycloak_password.take(),
+            raw.keycloak_password_file.as_deref(),
+        );
+        raw.smtp_password = self.secret(
+            "SMTP_PASSWORD",
+            raw.smtp_password.take(),
+            raw.smtp_password_file.as_deref(),
+        );
         let keycloak = self.keycloak(&raw);
         let smtp = self.smtp(&raw);
         let event_types = self.event_types(raw.notifier_event_types.as_deref());
@@ -353,6 +407,65 @@ impl Validator {
         })
     }
 
+    /// A secret from `VAR` or from the file named by `VAR_FILE` (one trailing
+    /// newline trimmed, as editors and `echo` leave one), never both.
+    fn secret(&mut self, var: &str, value: Option<String>, file: Option<&str>) -> Option<String> {
+        let Some(file) = file else {
+            return value;
+        };
+        let file_var = format!("{var}_FILE");
+        if value.is_some() {
+            self.problem(
+                &file_var,
+                format!("is set together with {var}; set only one of them"),
+            );
+            return None;
+        }
+        match std::fs::read_to_string(file.trim()) {
+            Ok(text) => {
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                if text.is_empty() {
+                    self.problem(&file_var, format!("the file {file:?} is empty"));
+                    return None;
+                }
+                Some(text.to_owned())
+            }
+            Err(err) => {
+                self.problem(&file_var, format!("cannot read {file:?}: {err}"));
+                None
+            }
+        }
+    }
+
+    /// The certificates of a PEM bundle named by `var`.
+    fn ca_file(&mut self, var: &str, file: Option<&str>) -> Option<Vec<CertificateDer<'static>>> {
+        let Some(file) = file.map(str::trim) else {
+            return Some(Vec::new());
+        };
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                self.problem(var, format!("cannot read {file:?}: {err}"));
+                return None;
+            }
+        };
+        match CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>() {
+            Ok(certs) if !certs.is_empty() => Some(certs),
+            Ok(_) => {
+                self.problem(var, format!("{file:?} holds no PEM certificate"));
+                None
+            }
+            Err(err) => {
+                self.problem(
+                    var,
+                    format!("{file:?} is not a PEM certificate bundle: {err}"),
+                );
+                None
+            }
+        }
+    }
+
     fn keycloak(&mut self, raw: &RawEnv) -> Option<KeycloakConfig> {
         let base_url = self
             .required("KEYCLOAK_URL", raw.keycloak_url.clone())
@@ -371,11 +484,13 @@ impl Validator {
             None => realm.clone(),
         };
         let credentials = self.credentials(raw);
+        let extra_roots = self.ca_file("KEYCLOAK_CA_FILE", raw.keycloak_ca_file.as_deref());
         Some(KeycloakConfig {
             base_url: base_url?,
             realm: realm?,
             auth_realm: auth_realm?,
             credentials: credentials?,
+            extra_roots: extra_roots?,
         })
     }
 
@@ -512,6 +627,7 @@ impl Validator {
             }
             (None, None) => Some(None),
         };
+        let extra_roots = self.ca_file("SMTP_CA_FILE", raw.smtp_ca_file.as_deref());
         Some(SmtpConfig {
             host: host?,
             port: port?,
@@ -519,6 +635,7 @@ impl Validator {
             sender: sender?,
             recipients: recipients?,
             credentials: credentials?,
+            extra_roots: extra_roots?,
         })
     }
 
@@ -987,6 +1104,94 @@ mod tests {
             assert!(!text.contains("a/b=c?d+e&f"), "{text}");
             assert!(!text.contains("smtp-hunter2"), "{text}");
         }
+    }
+
+    #[test]
+    fn known_vars_lists_exactly_the_variables_read() {
+        let fields = serde_json::to_value(RawEnv::default()).unwrap();
+        let mut read: Vec<String> = fields
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.to_ascii_uppercase())
+            .collect();
+        read.sort();
+        let mut known: Vec<String> = KNOWN_VARS.iter().map(|v| v.to_string()).collect();
+        known.sort();
+        assert_eq!(read, known);
+    }
+
+    #[test]
+    fn secrets_can_come_from_files_with_one_trailing_newline_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret/with=odd?chars+& \n").unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "smtp-pw\r\n").unwrap();
+        let config = Config::from_vars(without(&["KEYCLOAK_CLIENT_SECRET"]).into_iter().chain(
+            vars(&[
+                ("KEYCLOAK_CLIENT_SECRET_FILE", secret.to_str().unwrap()),
+                ("SMTP_PASSWORD_FILE", password.to_str().unwrap()),
+            ]),
+        ))
+        .unwrap();
+        assert_eq!(
+            config.keycloak.credentials,
+            Credentials::ClientSecret {
+                client_id: "notifier".into(),
+                secret: Secret::new("s3cret/with=odd?chars+& "),
+            }
+        );
+        assert_eq!(
+            config.smtp.credentials.unwrap().password,
+            Secret::new("smtp-pw")
+        );
+    }
+
+    #[test]
+    fn a_secret_file_that_clashes_or_cannot_be_read_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let found = problems(with(&[
+            ("KEYCLOAK_CLIENT_SECRET_FILE", missing.to_str().unwrap()),
+            ("SMTP_PASSWORD_FILE", empty.to_str().unwrap()),
+            ("KEYCLOAK_PASSWORD_FILE", missing.to_str().unwrap()),
+        ]));
+        assert!(
+            found.contains(&"KEYCLOAK_CLIENT_SECRET_FILE".to_owned()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"SMTP_PASSWORD_FILE".to_owned()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"KEYCLOAK_PASSWORD_FILE".to_owned()),
+            "{found:?}"
+        );
+        let err = Config::from_vars(with(&[(
+            "KEYCLOAK_CLIENT_SECRET_FILE",
+            missing.to_str().unwrap(),
+        )]))
+        .unwrap_err();
+        assert!(err.to_string().contains("set only one of them"), "{err}");
+        assert!(!err.to_string().contains("a/b=c?d+e&f"), "{err}");
+    }
+
+    #[test]
+    fn ca_files_must_hold_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("ca.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        assert_eq!(
+            problems(with(&[
+                ("KEYCLOAK_CA_FILE", garbage.to_str().unwrap()),
+                ("SMTP_CA_FILE", "/nonexistent/ca.pem"),
+            ])),
+            ["KEYCLOAK_CA_FILE", "SMTP_CA_FILE"]
+        );
     }
 
     #[cfg(unix)]

@@ -8,6 +8,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::cursor::{Cursor, CursorError, CursorStore};
+use crate::health::Heartbeat;
 use crate::keycloak::{KeycloakClient, KeycloakError};
 use crate::mail::{self, MailError, Mailer, SmtpMailer};
 use crate::poller::{is_last_page, next_offset, select_new};
@@ -52,6 +53,7 @@ pub struct Notifier<M> {
     mailer: M,
     store: CursorStore,
     cursor: Cursor,
+    heartbeat: Option<Heartbeat>,
 }
 
 /// Loads the cursor, or on the first run makes one from
@@ -87,6 +89,8 @@ pub fn open_cursor(config: &Config) -> Result<(CursorStore, Cursor), CursorError
 /// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let (store, cursor) = open_cursor(&config)?;
+    let heartbeat = Heartbeat::new(&config.state_dir);
+    tokio::spawn(heartbeat.clone().run(shutdown.clone()));
     let mailer = SmtpMailer::new(&config.smtp)?;
     let mut keycloak = KeycloakClient::new(&config.keycloak)?;
     match keycloak.wait_until_ready(&shutdown).await {
@@ -94,6 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         other => other?,
     }
     Notifier::new(config, keycloak, mailer, store, cursor)
+        .with_heartbeat(heartbeat)
         .run(&shutdown)
         .await
 }
@@ -112,7 +117,14 @@ impl<M: Mailer> Notifier<M> {
             mailer,
             store,
             cursor,
+            heartbeat: None,
         }
+    }
+
+    /// Reports each poll's outcome to `heartbeat` (for `healthcheck`).
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     pub fn cursor(&self) -> &Cursor {
@@ -135,7 +147,14 @@ impl<M: Mailer> Notifier<M> {
                 _ = ticker.tick() => {}
                 () = shutdown.cancelled() => break,
             }
-            match self.poll(shutdown).await {
+            let result = self.poll(shutdown).await;
+            if let Some(heartbeat) = &self.heartbeat {
+                match &result {
+                    Ok(_) => heartbeat.poll_succeeded(),
+                    Err(err) => heartbeat.poll_failed(&err.to_string()),
+                }
+            }
+            match result {
                 Ok(summary) if summary.mailed > 0 => info!(
                     mailed = summary.mailed,
                     fetched = summary.fetched,

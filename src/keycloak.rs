@@ -117,7 +117,7 @@ pub struct KeycloakClient {
 impl KeycloakClient {
     pub fn new(config: &KeycloakConfig) -> Result<Self, KeycloakError> {
         let setup = |err: &dyn std::error::Error| KeycloakError::Setup(error_chain(err));
-        let tls = tls::client_config().map_err(|err| setup(&err))?;
+        let tls = tls::client_config(&config.extra_roots).map_err(|err| setup(&err))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -455,6 +455,7 @@ mod tests {
             realm: "test".into(),
             auth_realm: "test".into(),
             credentials,
+            extra_roots: Vec::new(),
         }
     }
 

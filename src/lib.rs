@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod daemon;
 pub mod event;
 pub mod event_types;
+pub mod health;
 pub mod keycloak;
 pub mod mail;
 pub mod poller;

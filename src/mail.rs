@@ -13,7 +13,7 @@ use chrono::DateTime;
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{SmtpConfig, SmtpSecurity};
@@ -246,7 +246,13 @@ impl SmtpMailer {
             reason,
         };
         let tls = || {
-            TlsParameters::builder(smtp.host.clone())
+            let mut params = TlsParameters::builder(smtp.host.clone());
+            for cert in &smtp.extra_roots {
+                let cert =
+                    Certificate::from_der(cert.to_vec()).map_err(|err| setup(error_chain(&err)))?;
+                params = params.add_root_certificate(cert);
+            }
+            params
                 .build_rustls()
                 .map_err(|err| setup(error_chain(&err)))
         };
@@ -301,6 +307,7 @@ mod tests {
                 "b@example.com".parse().unwrap(),
             ],
             credentials: None,
+            extra_roots: Vec::new(),
         }
     }
 

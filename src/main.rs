@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use keycloak_notifier::config::Config;
-use keycloak_notifier::{daemon, telemetry};
+use keycloak_notifier::config::{self, Config};
+use keycloak_notifier::{daemon, health, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -15,7 +15,9 @@ const EXIT_FAILURE: u8 = 1;
 const USAGE: &str = "\
 keycloak-notifier: mails administrators about new Keycloak events.
 
-Usage: keycloak-notifier [--help | --version]
+Usage: keycloak-notifier [run]       run the notifier (the default)
+       keycloak-notifier healthcheck   exit 0 if the running notifier is alive
+       keycloak-notifier --help | --version
 
 All configuration comes from environment variables (KEYCLOAK_URL,
 KEYCLOAK_REALM, KEYCLOAK_CLIENT_ID, KEYCLOAK_CLIENT_SECRET, SMTP_HOST,
@@ -24,7 +26,8 @@ them all with their defaults.";
 
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
-        None => {}
+        None | Some("run") => {}
+        Some("healthcheck") => return healthcheck(),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -72,6 +75,26 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Reads the running daemon's heartbeat in the state directory.
+fn healthcheck() -> ExitCode {
+    let state_dir = std::env::var_os("NOTIFIER_STATE_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(
+            || std::path::PathBuf::from(config::DEFAULT_STATE_DIR),
+            Into::into,
+        );
+    match health::check(&state_dir, chrono::Utc::now().timestamp_millis()) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(line) => {
+            println!("{line}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGTERM (docker stop, Kubernetes) and SIGINT (Ctrl-C) stop the loop after

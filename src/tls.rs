@@ -7,9 +7,18 @@
 
 use std::sync::Arc;
 
-/// A rustls client configuration: ring, the bundled roots, TLS 1.2 and 1.3.
-pub fn client_config() -> Result<rustls::ClientConfig, rustls::Error> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+use rustls::pki_types::CertificateDer;
+
+/// A rustls client configuration: ring, the bundled roots plus `extra_roots`
+/// (an internal CA from `KEYCLOAK_CA_FILE`), TLS 1.2 and 1.3.
+pub fn client_config(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots.add(cert.clone())?;
+    }
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -22,7 +31,7 @@ pub fn client_config() -> Result<rustls::ClientConfig, rustls::Error> {
 mod tests {
     #[test]
     fn the_bundled_roots_are_present() {
-        let config = super::client_config().unwrap();
+        let config = super::client_config(&[]).unwrap();
         assert!(config.crypto_provider().cipher_suites.len() > 3);
         assert!(webpki_roots::TLS_SERVER_ROOTS.len() > 100);
     }

@@ -133,12 +133,20 @@ async fn after_a_restart_nothing_is_sent_again_and_new_events_still_are() {
     }
     let mut notifier = NotifierProcess::start(&env, &state.path().join("first.log"));
     mailbox.wait_for(&prefix, first_batch.len()).await;
+    let (healthy, report) = healthcheck(state.path());
+    assert!(
+        healthy && report.starts_with("alive; last successful poll"),
+        "{report}"
+    );
     let status = notifier.terminate();
     assert!(
         status.success(),
         "SIGTERM should stop the notifier cleanly: {status:?}\n{}",
         notifier.log_text()
     );
+
+    let (healthy, report) = healthcheck(state.path());
+    assert!(!healthy, "a stopped notifier must not look alive: {report}");
 
     let restarted = NotifierProcess::start(&env, &state.path().join("second.log"));
     // A new event after the restart proves the restarted notifier polls.
@@ -231,6 +239,20 @@ fn assert_each_name_mailed_once(names: &[String], mails: &[MailSummary]) {
         "events not mailed exactly once: {wrong:?}"
     );
     assert_eq!(mails.len(), names.len());
+}
+
+/// Runs `keycloak-notifier healthcheck` as the image's HEALTHCHECK does.
+fn healthcheck(state_dir: &std::path::Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-notifier"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("NOTIFIER_STATE_DIR", state_dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 fn wait_for_file(path: &std::path::Path) {

@@ -104,7 +104,7 @@ pub fn seconds_ago(secs: i64) -> String {
 /// An HTTP client like the notifier's (bundled roots, no system store).
 pub fn http(cookies: bool) -> reqwest::Client {
     reqwest::Client::builder()
-        .tls_backend_preconfigured(keycloak_notifier::tls::client_config().unwrap())
+        .tls_backend_preconfigured(keycloak_notifier::tls::client_config(&[]).unwrap())
         .cookie_store(cookies)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
