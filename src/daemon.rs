@@ -10,8 +10,9 @@ use crate::config::Config;
 use crate::cursor::{Cursor, CursorError, CursorStore};
 use crate::health::Heartbeat;
 use crate::keycloak::{KeycloakClient, KeycloakError};
-use crate::mail::{self, MailError, Mailer, SmtpMailer};
+use crate::mail::{self, MailError, Mailer};
 use crate::poller::{is_last_page, next_offset, select_new};
+use crate::smtp::SmtpMailer;
 
 /// Why the notifier stopped.
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +279,7 @@ mod tests {
         async fn send(&self, message: Message) -> Result<(), MailError> {
             let mut subjects = self.subjects.lock().unwrap();
             if subjects.len() == self.accept {
-                return Err(MailError::Send("451 try again later".into()));
+                return Err(MailError::Transient("451 try again later".into()));
             }
             let raw = String::from_utf8(message.formatted()).unwrap();
             let subject = raw

@@ -13,5 +13,6 @@ pub mod health;
 pub mod keycloak;
 pub mod mail;
 pub mod poller;
+pub mod smtp;
 pub mod telemetry;
 pub mod tls;

@@ -1,29 +1,19 @@
-//! The mail for one event: rendering (pure) and sending over SMTP.
+//! The mail for one event: rendering (pure), and the [`Mailer`] seam that
+//! delivers it (SMTP in `smtp.rs`).
 //!
 //! Event fields are typed by users, so every value is treated as hostile:
 //! control characters never reach a header (lettre panics on CRLF in a
 //! display name), values in the body are escaped visibly, and long values
 //! are cut.
 
+use chrono::DateTime;
+use lettre::Message;
+use lettre::message::header::ContentType;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::time::Duration;
 
-use chrono::DateTime;
-use lettre::message::header::ContentType;
-use lettre::transport::smtp::PoolConfig;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-
-use crate::config::{SmtpConfig, SmtpSecurity};
+use crate::config::SmtpConfig;
 use crate::event::Event;
-use crate::keycloak::error_chain;
-
-/// One SMTP command (connect, TLS, a reply) gives up after this long.
-const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// An idle pooled SMTP connection is closed after this long.
-const SMTP_IDLE: Duration = Duration::from_secs(60);
 /// Subjects are cut to this many characters.
 const MAX_SUBJECT_CHARS: usize = 200;
 /// Each value in the body is cut to this many characters.
@@ -207,8 +197,20 @@ pub enum MailError {
         port: u16,
         reason: String,
     },
-    #[error("the SMTP server did not accept the mail: {0}")]
-    Send(String),
+    /// Worth trying again: the server is unreachable, busy (4xx), or
+    /// refused the connection, TLS, the login or the sender.
+    #[error("the mail was not sent, will retry: {0}")]
+    Transient(String),
+    /// The server refused this mail's recipients or content for good (5xx).
+    #[error("the SMTP server refused the mail for good: {0}")]
+    Permanent(String),
+}
+
+impl MailError {
+    /// Whether sending the same mail again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MailError::Transient(_))
+    }
 }
 
 /// Attaches the configured addresses to a rendered mail.
@@ -232,67 +234,10 @@ pub trait Mailer {
     fn send(&self, message: Message) -> impl Future<Output = Result<(), MailError>> + Send;
 }
 
-/// SMTP through one pooled transport, built once, whose connection is reused.
-#[derive(Clone)]
-pub struct SmtpMailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
-}
-
-impl SmtpMailer {
-    pub fn new(smtp: &SmtpConfig) -> Result<Self, MailError> {
-        let setup = |reason: String| MailError::Setup {
-            host: smtp.host.clone(),
-            port: smtp.port,
-            reason,
-        };
-        let tls = || {
-            let mut params = TlsParameters::builder(smtp.host.clone());
-            for cert in &smtp.extra_roots {
-                let cert =
-                    Certificate::from_der(cert.to_vec()).map_err(|err| setup(error_chain(&err)))?;
-                params = params.add_root_certificate(cert);
-            }
-            params
-                .build_rustls()
-                .map_err(|err| setup(error_chain(&err)))
-        };
-        let tls = match smtp.security {
-            SmtpSecurity::StartTls => Tls::Required(tls()?),
-            SmtpSecurity::Tls => Tls::Wrapper(tls()?),
-            SmtpSecurity::None => Tls::None,
-        };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
-            .port(smtp.port)
-            .tls(tls)
-            .timeout(Some(SMTP_TIMEOUT))
-            .pool_config(PoolConfig::new().max_size(1).idle_timeout(SMTP_IDLE));
-        // No password, no AUTH: servers such as Mailpit offer none and
-        // refuse the command.
-        if let Some(credentials) = &smtp.credentials {
-            builder = builder.credentials(Credentials::new(
-                credentials.username.clone(),
-                credentials.password.expose().to_owned(),
-            ));
-        }
-        Ok(Self {
-            transport: builder.build(),
-        })
-    }
-}
-
-impl Mailer for SmtpMailer {
-    async fn send(&self, message: Message) -> Result<(), MailError> {
-        self.transport
-            .send(message)
-            .await
-            .map(|_| ())
-            .map_err(|err| MailError::Send(error_chain(&err)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SmtpSecurity;
     use crate::event::tests::register_event;
     use proptest::prelude::*;
 
