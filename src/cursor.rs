@@ -1,11 +1,15 @@
 //! The persisted position in a realm's event stream.
 //!
-//! The cursor is the time of the newest event mailed plus the keys of the
-//! events mailed at exactly that millisecond (several events can share one,
-//! and Keycloak's sort has no tie-breaker). It is written atomically after
-//! each accepted mail, so a crash re-sends at most the mail in flight.
+//! The cursor is the time of the newest event mailed plus the keys of every
+//! event mailed in the last [`OVERLAP_MS`] before it. Polls ask again from
+//! the start of that window (`since`), so events that share a millisecond
+//! (Keycloak's sort has no tie-breaker) and events that became visible late
+//! (an event's time is set before its transaction commits) are still found,
+//! and the keys make sure none is mailed twice. The cursor is written
+//! atomically after each accepted mail, so a crash re-sends at most the mail
+//! in flight.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,39 +20,44 @@ use crate::event::Event;
 
 const FORMAT_VERSION: u32 = 1;
 
+/// How far back each poll looks again before the newest event handled.
+pub const OVERLAP_MS: i64 = 5_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
-    /// Epoch milliseconds of the newest event already handled.
+    /// Epoch milliseconds of the newest event handled.
     pub time: i64,
-    /// Dedupe keys of the events handled at exactly `time`.
-    pub keys_at_time: BTreeSet<String>,
+    /// Events older than this are never new; polls ask from here.
+    pub since: i64,
+    /// Dedupe keys of the events handled at or after `since`, with their time.
+    pub recent: BTreeMap<String, i64>,
 }
 
 impl Cursor {
-    /// A cursor before any event at `time` (nothing at `time` handled yet).
+    /// A first-run cursor: events from `time` on are new.
     pub fn starting_at(time: i64) -> Self {
         Self {
             time,
-            keys_at_time: BTreeSet::new(),
+            since: time,
+            recent: BTreeMap::new(),
         }
     }
 
     /// Whether `event` has not been handled yet.
     pub fn is_new(&self, event: &Event) -> bool {
-        event.time > self.time
-            || (event.time == self.time && !self.keys_at_time.contains(&event.dedupe_key()))
+        event.time >= self.since && !self.recent.contains_key(&event.dedupe_key())
     }
 
-    /// Records `event` as handled. Events must be handled in time order; an
-    /// older one leaves the cursor as it is.
+    /// Records `event` as handled and forgets keys that fell out of the window.
     pub fn advance_past(&mut self, event: &Event) {
-        if event.time > self.time {
-            self.time = event.time;
-            self.keys_at_time.clear();
+        if event.time < self.since {
+            return;
         }
-        if event.time == self.time {
-            self.keys_at_time.insert(event.dedupe_key());
-        }
+        self.recent.insert(event.dedupe_key(), event.time);
+        self.time = self.time.max(event.time);
+        self.since = self.since.max(self.time.saturating_sub(OVERLAP_MS));
+        let since = self.since;
+        self.recent.retain(|_, time| *time >= since);
     }
 }
 
@@ -59,7 +68,8 @@ struct CursorFile {
     version: u32,
     realm: String,
     time: i64,
-    keys_at_time: BTreeSet<String>,
+    since: i64,
+    recent: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,12 +137,16 @@ impl CursorStore {
                 file.realm, self.realm
             )));
         }
-        if file.time < 0 {
-            return Err(invalid(format!("negative time {}", file.time)));
+        if file.time < 0 || file.since < 0 || file.since > file.time {
+            return Err(invalid(format!(
+                "impossible times (time {}, since {})",
+                file.time, file.since
+            )));
         }
         Ok(Some(Cursor {
             time: file.time,
-            keys_at_time: file.keys_at_time,
+            since: file.since,
+            recent: file.recent,
         }))
     }
 
@@ -148,7 +162,8 @@ impl CursorStore {
             version: FORMAT_VERSION,
             realm: self.realm.clone(),
             time: cursor.time,
-            keys_at_time: cursor.keys_at_time.clone(),
+            since: cursor.since,
+            recent: cursor.recent.clone(),
         })
         .map_err(io::Error::other)
         .map_err(write_err)?;
@@ -178,7 +193,7 @@ impl CursorStore {
 
 /// A realm name as a file-name part: letters, digits, `-`, `_` and `.` kept,
 /// every other byte written as `%XX`, so different realms never share a file.
-fn file_safe(realm: &str) -> String {
+pub(crate) fn file_safe(realm: &str) -> String {
     let mut out = String::with_capacity(realm.len());
     for byte in realm.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {
@@ -198,25 +213,36 @@ mod tests {
     use crate::event::tests::register_event;
 
     #[test]
-    fn advancing_keeps_the_keys_of_the_newest_millisecond_only() {
+    fn events_in_one_millisecond_are_told_apart_by_key() {
         let mut cursor = Cursor::starting_at(100);
         let a = register_event("a", 100);
-        let b = register_event("b", 200);
-        let c = register_event("c", 200);
         assert!(cursor.is_new(&a));
         cursor.advance_past(&a);
         assert!(!cursor.is_new(&a));
-        cursor.advance_past(&b);
-        assert_eq!(cursor.time, 200);
-        assert_eq!(cursor.keys_at_time, BTreeSet::from(["b".to_owned()]));
-        assert!(cursor.is_new(&c));
-        cursor.advance_past(&c);
-        assert_eq!(cursor.keys_at_time.len(), 2);
-        assert!(!cursor.is_new(&register_event("a", 100)));
-        // An older event never moves the cursor back.
-        cursor.advance_past(&register_event("z", 150));
-        assert_eq!(cursor.time, 200);
-        assert_eq!(cursor.keys_at_time.len(), 2);
+        assert!(cursor.is_new(&register_event("b", 100)));
+        assert!(
+            !cursor.is_new(&register_event("old", 99)),
+            "before the first-run start"
+        );
+    }
+
+    #[test]
+    fn a_late_event_inside_the_overlap_window_is_still_new() {
+        let mut cursor = Cursor::starting_at(0);
+        cursor.advance_past(&register_event("a", 10_000));
+        cursor.advance_past(&register_event("c", 20_000));
+        assert_eq!((cursor.time, cursor.since), (20_000, 15_000));
+        // Committed late: its time is before the newest event handled.
+        assert!(cursor.is_new(&register_event("b", 16_000)));
+        cursor.advance_past(&register_event("b", 16_000));
+        assert!(!cursor.is_new(&register_event("b", 16_000)));
+        assert_eq!(
+            cursor.time, 20_000,
+            "an older event never moves the cursor back"
+        );
+        // Outside the window: taken as handled (its key is forgotten).
+        assert!(!cursor.is_new(&register_event("a", 10_000)));
+        assert_eq!(cursor.recent.len(), 2, "{:?}", cursor.recent);
     }
 
     #[test]
@@ -269,7 +295,7 @@ mod tests {
         );
         fs::write(
             dir.path().join("cursor-test.json"),
-            r#"{"version":9,"realm":"test","time":1,"keys_at_time":[]}"#,
+            r#"{"version":9,"realm":"test","time":1,"since":1,"recent":{}}"#,
         )
         .unwrap();
         let err = CursorStore::new(dir.path(), "test").load().unwrap_err();

@@ -1,18 +1,28 @@
 //! The notifier loop: wait for Keycloak, then poll on the interval and mail
 //! every new event, moving the cursor only after each mail is accepted.
 
+use std::time::Duration;
+
 use chrono::Utc;
+use lettre::Message;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::cursor::{Cursor, CursorError, CursorStore};
+use crate::deadletter::{DeadLetterError, DeadLetters};
+use crate::event::Event;
 use crate::health::Heartbeat;
 use crate::keycloak::{KeycloakClient, KeycloakError};
 use crate::mail::{self, MailError, Mailer};
 use crate::poller::{is_last_page, next_offset, select_new};
+use crate::retry;
 use crate::smtp::SmtpMailer;
+
+/// After SIGTERM, the mail in flight may take this much longer; the process
+/// still ends within Docker's and Kubernetes' default 10 s grace.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
 
 /// Why the notifier stopped.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +33,8 @@ pub enum RunError {
     Keycloak(#[from] KeycloakError),
     #[error(transparent)]
     Mail(#[from] MailError),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// Why one poll ended early. The cursor stays where the last accepted mail
@@ -37,6 +49,9 @@ pub enum PollError {
     /// mailing what it could not record.
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    /// A refused mail cannot be recorded: fatal, for the same reason.
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// What one poll did.
@@ -44,7 +59,15 @@ pub enum PollError {
 pub struct PollSummary {
     pub fetched: usize,
     pub mailed: usize,
+    pub dead_lettered: usize,
     pub pages: usize,
+}
+
+/// How the delivery of one event ended.
+enum Delivery {
+    Mailed,
+    DeadLettered,
+    Stopped,
 }
 
 /// One watched realm: its client, its cursor and where the cursor is kept.
@@ -54,6 +77,7 @@ pub struct Notifier<M> {
     mailer: M,
     store: CursorStore,
     cursor: Cursor,
+    dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
 }
 
@@ -98,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Err(KeycloakError::Cancelled) => return Ok(()),
         other => other?,
     }
+    check_event_settings(&mut keycloak, &config, &cursor).await;
     Notifier::new(config, keycloak, mailer, store, cursor)
         .with_heartbeat(heartbeat)
         .run(&shutdown)
@@ -112,12 +137,14 @@ impl<M: Mailer> Notifier<M> {
         store: CursorStore,
         cursor: Cursor,
     ) -> Self {
+        let dead_letters = DeadLetters::new(&config.state_dir, &config.keycloak.realm);
         Self {
             config,
             keycloak,
             mailer,
             store,
             cursor,
+            dead_letters,
             heartbeat: None,
         }
     }
@@ -156,8 +183,9 @@ impl<M: Mailer> Notifier<M> {
                 }
             }
             match result {
-                Ok(summary) if summary.mailed > 0 => info!(
+                Ok(summary) if summary.mailed + summary.dead_lettered > 0 => info!(
                     mailed = summary.mailed,
+                    dead_lettered = summary.dead_lettered,
                     fetched = summary.fetched,
                     pages = summary.pages,
                     "poll done"
@@ -168,6 +196,7 @@ impl<M: Mailer> Notifier<M> {
                     "poll done"
                 ),
                 Err(PollError::Cursor(err)) => return Err(err.into()),
+                Err(PollError::DeadLetter(err)) => return Err(err.into()),
                 Err(PollError::Keycloak(err)) if !err.is_retryable() => {
                     error!(error = %err, "poll failed; trying again at the next interval");
                 }
@@ -180,17 +209,17 @@ impl<M: Mailer> Notifier<M> {
 
     /// Fetches every new event, page by page, and mails each in order.
     pub async fn poll(&mut self, shutdown: &CancellationToken) -> Result<PollSummary, PollError> {
-        let types = &self.config.event_types;
         let max = self.config.page_size;
-        let realm = &self.config.keycloak.realm;
-        let domain = self.config.smtp.sender.email.domain().to_owned();
         // The query's start stays fixed during the poll so that the offsets
         // of the pages stay consistent with each other.
-        let from = self.cursor.time;
+        let from = self.cursor.since;
         let mut first = 0;
         let mut summary = PollSummary::default();
         loop {
-            let page = self.keycloak.events_page(types, from, first, max).await?;
+            let page = self
+                .keycloak
+                .events_page(&self.config.event_types, from, first, max)
+                .await?;
             let len = page.len();
             summary.pages += 1;
             summary.fetched += len;
@@ -198,26 +227,134 @@ impl<M: Mailer> Notifier<M> {
                 if shutdown.is_cancelled() {
                     return Ok(summary);
                 }
-                let message =
-                    mail::build_message(mail::render(&event, realm, &domain), &self.config.smtp)?;
-                self.mailer.send(message).await?;
-                self.cursor.advance_past(&event);
-                self.store.save(&self.cursor)?;
-                summary.mailed += 1;
-                info!(
-                    realm = %realm,
-                    r#type = %event.kind,
-                    event_id = event.id.as_deref().unwrap_or("-"),
-                    time = %format_ms(event.time),
-                    recipients = self.config.smtp.recipients.len(),
-                    "mailed"
+                let rendered = mail::render(
+                    &event,
+                    &self.config.keycloak.realm,
+                    self.config.smtp.sender.email.domain(),
                 );
+                let message = mail::build_message(rendered, &self.config.smtp)?;
+                match self.deliver(&event, message, shutdown).await? {
+                    Delivery::Mailed => summary.mailed += 1,
+                    Delivery::DeadLettered => summary.dead_lettered += 1,
+                    Delivery::Stopped => return Ok(summary),
+                }
+                self.cursor.advance_past(&event);
+                self.persist(shutdown).await?;
             }
             if is_last_page(len, max) {
                 return Ok(summary);
             }
             first = next_offset(first, max);
         }
+    }
+
+    /// Sends one mail, retrying a transient failure with backoff for as long
+    /// as it takes; a permanent refusal goes to the dead-letter file.
+    async fn deliver(
+        &self,
+        event: &Event,
+        message: Message,
+        shutdown: &CancellationToken,
+    ) -> Result<Delivery, PollError> {
+        let realm = &self.config.keycloak.realm;
+        let event_id = event.id.as_deref().unwrap_or("-");
+        let mut delays = retry::backoff();
+        for attempt in 1u64.. {
+            let sent = tokio::select! {
+                sent = self.mailer.send(message.clone()) => sent,
+                () = grace_expired(shutdown) => return Ok(Delivery::Stopped),
+            };
+            match sent {
+                Ok(()) => {
+                    info!(
+                        realm = %realm,
+                        r#type = %event.kind,
+                        event_id,
+                        time = %format_ms(event.time),
+                        recipients = self.config.smtp.recipients.len(),
+                        "mailed"
+                    );
+                    return Ok(Delivery::Mailed);
+                }
+                Err(MailError::Permanent(reply)) => {
+                    self.dead_letters.append(event, &reply)?;
+                    error!(
+                        realm = %realm,
+                        r#type = %event.kind,
+                        event_id,
+                        error = %reply,
+                        file = %self.dead_letters.path().display(),
+                        "the SMTP server refused the mail for good; event written to the dead-letter file"
+                    );
+                    return Ok(Delivery::DeadLettered);
+                }
+                Err(err) if err.is_transient() => {
+                    let delay = delays.next().unwrap_or(retry::MAX_DELAY);
+                    warn!(
+                        realm = %realm,
+                        event_id,
+                        attempt,
+                        retry_in = %retry::show(delay),
+                        error = %err,
+                        "mail not sent; retrying"
+                    );
+                    if !retry::sleep_or_stop(delay, shutdown).await {
+                        return Ok(Delivery::Stopped);
+                    }
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        unreachable!("the attempt counter does not run out")
+    }
+
+    /// Saves the cursor. If the state directory refuses (full, read-only),
+    /// nothing more is mailed until it works again, and a shutdown meanwhile
+    /// is an error: the mail just accepted would be sent again on restart.
+    async fn persist(&self, shutdown: &CancellationToken) -> Result<(), CursorError> {
+        let mut delays = retry::backoff();
+        loop {
+            let err = match self.store.save(&self.cursor) {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            let delay = delays.next().unwrap_or(retry::MAX_DELAY);
+            error!(
+                error = %err,
+                retry_in = %retry::show(delay),
+                "cannot save the cursor; no more mails until it is saved"
+            );
+            if !retry::sleep_or_stop(delay, shutdown).await {
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// Resolves [`SHUTDOWN_GRACE`] after `shutdown`.
+async fn grace_expired(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
+
+/// Warns about realm event settings that would make mails go missing:
+/// events not stored, a watched type not stored, or events expired while
+/// the notifier was away. Only reads the settings; a failure is a warning.
+async fn check_event_settings(keycloak: &mut KeycloakClient, config: &Config, cursor: &Cursor) {
+    let settings = match keycloak.events_config().await {
+        Ok(settings) => settings,
+        Err(err) => {
+            warn!(error = %err, "cannot read the realm's event settings");
+            return;
+        }
+    };
+    for warning in crate::keycloak::event_settings_warnings(
+        &settings,
+        &config.event_types,
+        cursor.since,
+        Utc::now().timestamp_millis(),
+    ) {
+        warn!(realm = %config.keycloak.realm, "{warning}");
     }
 }
 
@@ -229,6 +366,7 @@ fn format_ms(ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
     use std::ffi::OsString;
     use std::sync::{Arc, Mutex};
 
@@ -268,25 +406,30 @@ mod tests {
         }
     }
 
-    /// Records subjects; refuses every mail after the first `accept` ones.
-    #[derive(Clone)]
+    /// Records subjects; the script says how the next sends end (`None`
+    /// accepts; an empty script accepts everything).
+    #[derive(Clone, Default)]
     struct Recorder {
         subjects: Arc<Mutex<Vec<String>>>,
-        accept: usize,
+        script: Arc<Mutex<VecDeque<Option<MailError>>>>,
+        /// Cancelled at the first failure, to end a test's retry loop.
+        stop_on_failure: Option<CancellationToken>,
     }
 
     impl Mailer for Recorder {
         async fn send(&self, message: Message) -> Result<(), MailError> {
-            let mut subjects = self.subjects.lock().unwrap();
-            if subjects.len() == self.accept {
-                return Err(MailError::Transient("451 try again later".into()));
+            if let Some(err) = self.script.lock().unwrap().pop_front().flatten() {
+                if let Some(stop) = &self.stop_on_failure {
+                    stop.cancel();
+                }
+                return Err(err);
             }
             let raw = String::from_utf8(message.formatted()).unwrap();
             let subject = raw
                 .lines()
                 .find_map(|l| l.strip_prefix("Subject: "))
                 .unwrap();
-            subjects.push(subject.to_owned());
+            self.subjects.lock().unwrap().push(subject.to_owned());
             Ok(())
         }
     }
@@ -338,44 +481,39 @@ mod tests {
             .collect()
     }
 
-    fn notifier(config: Config, accept: usize) -> (Notifier<Recorder>, Arc<Mutex<Vec<String>>>) {
+    fn notifier(config: Config, mailer: Recorder) -> Notifier<Recorder> {
         let (store, cursor) = open_cursor(&config).unwrap();
         let keycloak = KeycloakClient::new(&config.keycloak).unwrap();
-        let subjects = Arc::new(Mutex::new(Vec::new()));
-        let mailer = Recorder {
-            subjects: subjects.clone(),
-            accept,
-        };
-        (
-            Notifier::new(config, keycloak, mailer, store, cursor),
-            subjects,
-        )
+        Notifier::new(config, keycloak, mailer, store, cursor)
+    }
+
+    fn subjects(range: std::ops::Range<usize>) -> Vec<String> {
+        range
+            .map(|i| format!("[Keycloak test] LOGIN_ERROR: u{i}"))
+            .collect()
     }
 
     #[tokio::test]
     async fn a_poll_mails_every_page_in_order_and_saves_the_cursor() {
         let server = keycloak_with(events()).await;
         let state = tempfile::tempdir().unwrap();
-        let (mut notifier, subjects) = notifier(config(&server, state.path()), usize::MAX);
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
         let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
-        assert_eq!(
-            summary,
-            PollSummary {
-                fetched: 10,
-                mailed: 10,
-                pages: 3
-            }
-        );
-        let expected: Vec<String> = (0..10)
-            .map(|i| format!("[Keycloak test] LOGIN_ERROR: u{i}"))
-            .collect();
-        assert_eq!(*subjects.lock().unwrap(), expected);
+        let expected = PollSummary {
+            fetched: 10,
+            mailed: 10,
+            dead_lettered: 0,
+            pages: 3,
+        };
+        assert_eq!(summary, expected);
+        assert_eq!(*mailer.subjects.lock().unwrap(), subjects(0..10));
         let saved = CursorStore::new(state.path(), "test")
             .load()
             .unwrap()
             .unwrap();
         assert_eq!(saved.time, 80);
-        // The next poll finds nothing new.
+        // The next poll asks again from the overlap window and mails nothing.
         assert_eq!(
             notifier
                 .poll(&CancellationToken::new())
@@ -384,34 +522,87 @@ mod tests {
                 .mailed,
             0
         );
-        assert_eq!(subjects.lock().unwrap().len(), 10);
+        assert_eq!(mailer.subjects.lock().unwrap().len(), 10);
     }
 
     #[tokio::test]
-    async fn a_refused_mail_leaves_the_cursor_on_the_last_accepted_one() {
+    async fn a_shutdown_while_smtp_is_down_leaves_the_cursor_on_the_last_accepted_mail() {
         let server = keycloak_with(events()).await;
         let state = tempfile::tempdir().unwrap();
         let config = config(&server, state.path());
-        // Accepts four mails (e0..e3, the first of the three at time 40).
-        let (mut failing, _) = notifier(config.clone(), 4);
-        let err = failing.poll(&CancellationToken::new()).await.unwrap_err();
-        assert!(matches!(err, PollError::Mail(_)), "{err}");
+        let stop = CancellationToken::new();
+        // Accepts four mails (e0..e3, the first of the three at time 40),
+        // then the server is down; the shutdown ends the retrying.
+        let failing = Recorder {
+            script: Arc::new(Mutex::new(VecDeque::from([
+                None,
+                None,
+                None,
+                None,
+                Some(MailError::Transient("421 closing".into())),
+            ]))),
+            stop_on_failure: Some(stop.clone()),
+            ..Recorder::default()
+        };
+        let summary = notifier(config.clone(), failing).poll(&stop).await.unwrap();
+        assert_eq!(summary.mailed, 4);
         let saved = CursorStore::new(state.path(), "test")
             .load()
             .unwrap()
             .unwrap();
-        assert_eq!((saved.time, saved.keys_at_time.len()), (40, 1));
+        assert_eq!(saved.time, 40);
+        assert!(saved.recent.contains_key("e3") && !saved.recent.contains_key("e4"));
 
         // A new process picks up exactly after it: e4..e9, nothing twice.
-        let (mut next, subjects) = notifier(config, usize::MAX);
-        assert_eq!(
-            next.poll(&CancellationToken::new()).await.unwrap().mailed,
-            6
-        );
-        let expected: Vec<String> = (4..10)
-            .map(|i| format!("[Keycloak test] LOGIN_ERROR: u{i}"))
-            .collect();
-        assert_eq!(*subjects.lock().unwrap(), expected);
+        let next = Recorder::default();
+        let summary = notifier(config, next.clone())
+            .poll(&CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(summary.mailed, 6);
+        assert_eq!(*next.subjects.lock().unwrap(), subjects(4..10));
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_until_the_mail_is_accepted() {
+        let server = keycloak_with(events()[..2].to_vec()).await;
+        let state = tempfile::tempdir().unwrap();
+        let mailer = Recorder {
+            script: Arc::new(Mutex::new(VecDeque::from([Some(MailError::Transient(
+                "451 4.3.0 try again".into(),
+            ))]))),
+            ..Recorder::default()
+        };
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.mailed, summary.dead_lettered), (2, 0));
+        assert_eq!(*mailer.subjects.lock().unwrap(), subjects(0..2));
+    }
+
+    #[tokio::test]
+    async fn a_permanently_refused_mail_is_dead_lettered_and_the_rest_go_on() {
+        let server = keycloak_with(events()).await;
+        let state = tempfile::tempdir().unwrap();
+        let mailer = Recorder {
+            script: Arc::new(Mutex::new(VecDeque::from([
+                None,
+                Some(MailError::Permanent(
+                    "RCPT TO failed: 550 5.1.1 no such user".into(),
+                )),
+            ]))),
+            ..Recorder::default()
+        };
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.mailed, summary.dead_lettered), (9, 1));
+        let mut expected = subjects(0..10);
+        expected.remove(1);
+        assert_eq!(*mailer.subjects.lock().unwrap(), expected);
+        let letters = std::fs::read_to_string(state.path().join("dead-letter-test.jsonl")).unwrap();
+        let entry: Value = serde_json::from_str(letters.lines().next().unwrap()).unwrap();
+        assert_eq!(entry["event"]["id"], "e1");
+        assert_eq!(entry["error"], "RCPT TO failed: 550 5.1.1 no such user");
+        assert_eq!(letters.lines().count(), 1);
     }
 
     #[tokio::test]

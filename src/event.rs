@@ -5,15 +5,19 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use serde_json::Value;
 
-/// One user event (`EventRepresentation`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One user event (`EventRepresentation`). It serialises back to Keycloak's
+/// field names (for the dead-letter file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Event {
     /// Random UUID, sent by Keycloak 26.2 and later.
     pub id: Option<String>,
     /// Epoch milliseconds.
     pub time: i64,
+    #[serde(rename = "type")]
     pub kind: String,
     pub realm_id: Option<String>,
     pub client_id: Option<String>,

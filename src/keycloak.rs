@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -11,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Credentials, KeycloakConfig};
 use crate::event::{Event, EventDecodeError};
-use crate::tls;
+use crate::{retry, tls};
 
 /// Connecting to Keycloak gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,10 +18,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A token is renewed this long before it expires (at most half its life).
 const TOKEN_RENEW_MARGIN: Duration = Duration::from_secs(30);
-/// Start-up waits between tries grow from this…
-const READY_MIN_DELAY: Duration = Duration::from_secs(1);
-/// …to this, with jitter, and never give up.
-const READY_MAX_DELAY: Duration = Duration::from_secs(60);
 /// At most this much of an error body is quoted in a message.
 const MAX_QUOTED_BODY: usize = 300;
 
@@ -147,12 +142,7 @@ impl KeycloakClient {
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<(), KeycloakError> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(READY_MIN_DELAY)
-            .with_max_delay(READY_MAX_DELAY)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = retry::backoff();
         for attempt in 1u64.. {
             match self.login_trying_legacy_path().await {
                 Ok(()) => {
@@ -160,16 +150,15 @@ impl KeycloakClient {
                     return Ok(());
                 }
                 Err(err) if err.is_retryable() => {
-                    let delay = delays.next().unwrap_or(READY_MAX_DELAY);
+                    let delay = delays.next().unwrap_or(retry::MAX_DELAY);
                     warn!(
                         attempt,
-                        retry_in = %humantime::format_duration(round_to_ms(delay)),
+                        retry_in = %retry::show(delay),
                         error = %err,
                         "Keycloak is not ready yet"
                     );
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return Err(KeycloakError::Cancelled),
+                    if !retry::sleep_or_stop(delay, shutdown).await {
+                        return Err(KeycloakError::Cancelled);
                     }
                 }
                 Err(err) => return Err(err),
@@ -315,6 +304,16 @@ impl KeycloakClient {
         })
     }
 
+    /// The realm's event settings (`GET …/events/config`; read only).
+    pub async fn events_config(&mut self) -> Result<EventsConfig, KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, "events", "config"]);
+        let body = self.get_json(&url, &[], "view-events").await?;
+        serde_json::from_value(body).map_err(|err| KeycloakError::Decode {
+            url: url.to_string(),
+            reason: err.to_string(),
+        })
+    }
+
     /// GET with the bearer token; on a 401 the token is renewed once.
     async fn get_json(
         &mut self,
@@ -364,6 +363,62 @@ impl KeycloakClient {
         }
         url
     }
+}
+
+/// The parts of `RealmEventsConfigRepresentation` the notifier looks at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsConfig {
+    #[serde(default)]
+    pub events_enabled: bool,
+    /// Seconds; absent or 0 means events never expire.
+    #[serde(default)]
+    pub events_expiration: Option<i64>,
+    #[serde(default)]
+    pub enabled_event_types: Vec<String>,
+}
+
+/// What in the realm's event settings would make mails go missing.
+pub fn event_settings_warnings(
+    settings: &EventsConfig,
+    watched: &[String],
+    cursor_since_ms: i64,
+    now_ms: i64,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !settings.events_enabled {
+        warnings.push(
+            "the realm does not save events (Realm settings → Events → User events settings → \
+             Save events is off): no new event will be seen"
+                .to_owned(),
+        );
+    }
+    // Keycloak fills an empty list with every type it saves by default.
+    let not_saved: Vec<&str> = watched
+        .iter()
+        .filter(|t| {
+            !settings.enabled_event_types.is_empty() && !settings.enabled_event_types.contains(t)
+        })
+        .map(String::as_str)
+        .collect();
+    if !not_saved.is_empty() {
+        warnings.push(format!(
+            "the realm does not save these watched event types, so they are never mailed: {}",
+            not_saved.join(", ")
+        ));
+    }
+    if let Some(expiration) = settings.events_expiration.filter(|s| *s > 0) {
+        let behind_ms = now_ms.saturating_sub(cursor_since_ms);
+        if behind_ms > expiration.saturating_mul(1000) {
+            warnings.push(format!(
+                "the realm deletes events after {}, and the notifier's cursor is {} behind: \
+                 events may have expired unseen",
+                humantime::format_duration(Duration::from_secs(expiration.unsigned_abs())),
+                humantime::format_duration(Duration::from_secs((behind_ms / 1000).unsigned_abs()))
+            ));
+        }
+    }
+    warnings
 }
 
 fn status_error(
@@ -438,10 +493,6 @@ pub fn toggle_legacy_auth_path(base: &Url) -> Url {
     other
 }
 
-fn round_to_ms(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +520,48 @@ mod tests {
     fn token_ok(token: &str) -> ResponseTemplate {
         ResponseTemplate::new(200)
             .set_body_json(serde_json::json!({"access_token": token, "expires_in": 300}))
+    }
+
+    #[test]
+    fn event_settings_that_lose_mails_are_warned_about() {
+        let watched = vec!["REGISTER".to_owned(), "LOGIN_ERROR".to_owned()];
+        let fine = EventsConfig {
+            events_enabled: true,
+            events_expiration: None,
+            enabled_event_types: vec!["REGISTER".into(), "LOGIN_ERROR".into(), "LOGIN".into()],
+        };
+        assert!(event_settings_warnings(&fine, &watched, 0, 10_000_000).is_empty());
+        let default_types = EventsConfig {
+            enabled_event_types: Vec::new(),
+            ..fine.clone()
+        };
+        assert!(event_settings_warnings(&default_types, &watched, 0, 1).is_empty());
+
+        let off = EventsConfig {
+            events_enabled: false,
+            ..fine.clone()
+        };
+        assert!(event_settings_warnings(&off, &watched, 0, 1)[0].contains("does not save events"));
+        let missing = EventsConfig {
+            enabled_event_types: vec!["REGISTER".into()],
+            ..fine.clone()
+        };
+        assert!(event_settings_warnings(&missing, &watched, 0, 1)[0].ends_with(": LOGIN_ERROR"));
+
+        let one_day = EventsConfig {
+            events_expiration: Some(86_400),
+            ..fine
+        };
+        let now = 10 * 86_400_000;
+        assert!(event_settings_warnings(&one_day, &watched, now - 3_600_000, now).is_empty());
+        let late = event_settings_warnings(&one_day, &watched, now - 2 * 86_400_000, now);
+        assert_eq!(late.len(), 1);
+        assert!(
+            late[0].contains("1day") && late[0].contains("2days"),
+            "{}",
+            late[0]
+        );
+        assert!(late[0].contains("expired unseen"), "{}", late[0]);
     }
 
     #[test]

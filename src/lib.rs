@@ -7,12 +7,14 @@
 pub mod config;
 pub mod cursor;
 pub mod daemon;
+pub mod deadletter;
 pub mod event;
 pub mod event_types;
 pub mod health;
 pub mod keycloak;
 pub mod mail;
 pub mod poller;
+pub mod retry;
 pub mod smtp;
 pub mod telemetry;
 pub mod tls;

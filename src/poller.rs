@@ -1,7 +1,7 @@
 //! Which events are new, and in what order: pure decisions, no I/O.
 //!
 //! A poll asks Keycloak for the watched types with `direction=asc` from the
-//! cursor's time (inclusive) and pages with `first`/`max` until a short page.
+//! cursor's `since` (inclusive) and pages with `first`/`max` until a short page.
 //! Each page goes through [`select_new`]; the caller mails the result in
 //! order and advances the cursor past each event once its mail is accepted.
 
@@ -47,6 +47,7 @@ mod tests {
     fn events_before_the_cursor_or_already_mailed_at_its_time_are_dropped() {
         let mut cursor = Cursor::starting_at(100);
         cursor.advance_past(&register_event("done", 100));
+        assert_eq!(cursor.since, 100);
         let page = vec![
             register_event("old", 99),
             register_event("done", 100),
@@ -88,7 +89,7 @@ mod tests {
     /// ascending by time, arbitrary order inside one millisecond), with the
     /// cursor persisted and reloaded between polls.
     fn drain(stream: &[Event], cursor: &mut Cursor, max: usize) -> Vec<String> {
-        let from = cursor.time;
+        let from = cursor.since;
         let visible: Vec<&Event> = stream.iter().filter(|e| e.time >= from).collect();
         let mut mailed = Vec::new();
         for page in visible.chunks(max) {

@@ -140,11 +140,13 @@ async fn the_scratch_image_mails_a_registration_keeps_its_cursor_on_the_volume_a
     // The cursor is on the host, written by the image's non-root user.
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cursor).unwrap()).unwrap();
-    assert_eq!(
-        saved["keys_at_time"].as_array().map(Vec::len),
-        Some(1),
+    // At least the registration is recorded (other tests' registrations in
+    // the same seconds may be too).
+    assert!(
+        saved["recent"].as_object().is_some_and(|r| !r.is_empty()),
         "{saved}"
     );
+    assert!(saved["time"].as_i64() >= saved["since"].as_i64(), "{saved}");
     let owner = Command::new("stat")
         .args(["-c", "%u"])
         .arg(&cursor)
