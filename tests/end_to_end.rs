@@ -225,22 +225,6 @@ async fn the_original_scripts_settings_work_against_the_real_keycloak() {
     );
 }
 
-fn assert_each_name_mailed_once(names: &[String], mails: &[MailSummary]) {
-    let mut counts: BTreeMap<&str, usize> = names.iter().map(|n| (n.as_str(), 0)).collect();
-    for mail in mails {
-        let name = mail.subject.rsplit(' ').next().unwrap_or_default();
-        *counts
-            .get_mut(name)
-            .unwrap_or_else(|| panic!("unexpected mail {:?}", mail.subject)) += 1;
-    }
-    let wrong: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        wrong.is_empty(),
-        "events not mailed exactly once: {wrong:?}"
-    );
-    assert_eq!(mails.len(), names.len());
-}
-
 /// Runs `keycloak-notifier healthcheck` as the image's HEALTHCHECK does.
 fn healthcheck(state_dir: &std::path::Path) -> (bool, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-notifier"))

@@ -236,8 +236,8 @@ pub async fn user_id(stack: &Stack, username: &str) -> String {
 // ---------------------------------------------------------------- Mailpit
 
 /// The mails Mailpit holds for one recipient.
-pub struct Mailbox<'a> {
-    stack: &'a Stack,
+pub struct Mailbox {
+    api: String,
     pub address: String,
 }
 
@@ -248,10 +248,16 @@ pub struct MailSummary {
     pub message_id: String,
 }
 
-impl<'a> Mailbox<'a> {
-    pub fn new(stack: &'a Stack, address: &str) -> Self {
+impl Mailbox {
+    /// In the stack's Mailpit.
+    pub fn new(stack: &Stack, address: &str) -> Self {
+        Self::at(&stack.mailpit_url, address)
+    }
+
+    /// In the Mailpit whose HTTP API is at `api`.
+    pub fn at(api: &str, address: &str) -> Self {
         Self {
-            stack,
+            api: api.to_owned(),
             address: address.to_owned(),
         }
     }
@@ -259,7 +265,7 @@ impl<'a> Mailbox<'a> {
     pub async fn list(&self) -> Vec<MailSummary> {
         let body = json(
             http(false)
-                .get(format!("{}/api/v1/search", self.stack.mailpit_url))
+                .get(format!("{}/api/v1/search", self.api))
                 .query(&[
                     ("query", format!("to:\"{}\"", self.address)),
                     ("limit", "10000".into()),
@@ -289,7 +295,17 @@ impl<'a> Mailbox<'a> {
 
     /// Waits until at least `n` mails contain `needle` in their subject.
     pub async fn wait_for(&self, needle: &str, n: usize) -> Vec<MailSummary> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_within(needle, n, WAIT).await
+    }
+
+    /// [`Mailbox::wait_for`] with its own time limit.
+    pub async fn wait_for_within(
+        &self,
+        needle: &str,
+        n: usize,
+        limit: Duration,
+    ) -> Vec<MailSummary> {
+        let deadline = Instant::now() + limit;
         loop {
             let found = self.matching(needle).await;
             if found.len() >= n {
@@ -297,7 +313,7 @@ impl<'a> Mailbox<'a> {
             }
             assert!(
                 Instant::now() < deadline,
-                "only {} of {n} mails matching {needle:?} reached {} within {WAIT:?}",
+                "only {} of {n} mails matching {needle:?} reached {} within {limit:?}",
                 found.len(),
                 self.address
             );
@@ -307,10 +323,117 @@ impl<'a> Mailbox<'a> {
 
     /// The text body of one mail.
     pub async fn text(&self, id: &str) -> String {
-        let body =
-            json(http(false).get(format!("{}/api/v1/message/{id}", self.stack.mailpit_url))).await;
+        let body = json(http(false).get(format!("{}/api/v1/message/{id}", self.api))).await;
         body["Text"].as_str().unwrap_or_default().to_owned()
     }
+}
+
+/// A Mailpit of a test's own (the stack's binary), for tests that stop it or
+/// make it refuse mail without disturbing the other tests.
+pub struct MailpitProcess {
+    child: Option<Child>,
+    pub smtp_port: u16,
+    pub http_port: u16,
+    database: PathBuf,
+    extra: Vec<String>,
+}
+
+impl MailpitProcess {
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut mailpit = Self {
+            child: None,
+            smtp_port: free_port(),
+            http_port: free_port(),
+            database: dir.join("mailpit.db"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        mailpit.restart();
+        mailpit
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts it (again) on the same ports and database, and waits until
+    /// its API and SMTP port answer.
+    pub fn restart(&mut self) {
+        let bin = std::env::var("KN_MAILPIT_BIN")
+            .expect("KN_MAILPIT_BIN is not set: run the tests with scripts/test");
+        let child = Command::new(bin)
+            .args(["--smtp", &format!("127.0.0.1:{}", self.smtp_port)])
+            .args(["--listen", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--database", self.database.to_str().unwrap()])
+            .args([
+                "--max",
+                "0",
+                "--disable-version-check",
+                "--smtp-disable-rdns",
+                "--quiet",
+            ])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.smtp_port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the test's Mailpit did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it (SIGKILL: an outage, not a goodbye).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for MailpitProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How many mails name each of `names` (the last word of the subject); a
+/// mail for a name not in the list fails the test.
+pub fn mails_per_name(names: &[String], mails: &[MailSummary]) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = names.iter().map(|n| (n.clone(), 0)).collect();
+    for mail in mails {
+        let name = mail.subject.rsplit(' ').next().unwrap_or_default();
+        *counts
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("unexpected mail {:?}", mail.subject)) += 1;
+    }
+    counts
+}
+
+pub fn assert_each_name_mailed_once(names: &[String], mails: &[MailSummary]) {
+    let counts = mails_per_name(names, mails);
+    let wrong: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "events not mailed exactly once: {wrong:?}"
+    );
+    assert_eq!(mails.len(), names.len());
 }
 
 // ---------------------------------------------------------------- notifier
@@ -336,6 +459,16 @@ impl NotifierProcess {
             child,
             log: log.to_path_buf(),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
