@@ -465,6 +465,10 @@ impl NotifierProcess {
         self.child.id()
     }
 
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill_hard(&mut self) {
         let _ = self.child.kill();
