@@ -57,3 +57,31 @@ fn version_and_help_answer_without_configuration() {
     let unknown = notifier().arg("--frobnicate").output().unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+#[test]
+fn a_state_directory_that_cannot_be_created_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, "").unwrap();
+    let state_dir = file.join("state");
+    let output = notifier()
+        .env("KEYCLOAK_URL", "http://127.0.0.1:9")
+        .env("KEYCLOAK_REALM", "test")
+        .env("KEYCLOAK_CLIENT_ID", "notifier")
+        .env("KEYCLOAK_CLIENT_SECRET", "s")
+        .env("SMTP_HOST", "127.0.0.1")
+        .env("SMTP_SENDER", "a@example.test")
+        .env("SMTP_RECEIVER", "b@example.test")
+        .env("NOTIFIER_STATE_DIR", &state_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "cannot create the state directory {}",
+            state_dir.display()
+        )),
+        "{stderr}"
+    );
+}
