@@ -606,6 +606,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cursor_that_cannot_be_saved_holds_back_the_next_mail_until_it_can() {
+        let server = keycloak_with(events()[..3].to_vec()).await;
+        let state = tempfile::tempdir().unwrap();
+        let state_dir = state.path().join("state");
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config(&server, &state_dir), mailer.clone());
+        // The state directory vanishes (as a full or unmounted disk would
+        // refuse writes), and comes back a little later.
+        std::fs::remove_dir_all(&state_dir).unwrap();
+        let restore = {
+            let state_dir = state_dir.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                std::fs::create_dir(&state_dir).unwrap();
+            })
+        };
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        restore.await.unwrap();
+        assert_eq!(summary.mailed, 3);
+        assert_eq!(
+            mailer.subjects.lock().unwrap().len(),
+            3,
+            "each mail sent once"
+        );
+        let saved = CursorStore::new(&state_dir, "test")
+            .load()
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.time, 30);
+    }
+
+    #[tokio::test]
     async fn a_first_run_saves_its_starting_point_at_once() {
         let state = tempfile::tempdir().unwrap();
         let server = MockServer::start().await;

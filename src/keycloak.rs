@@ -668,6 +668,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_400_is_a_clear_error_quoting_keycloak() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(token_ok("tok"))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+                "error": "Invalid value for sortDirection, expected value is asc or desc"
+            })))
+            .mount(&server)
+            .await;
+        let mut client = KeycloakClient::new(&config(&server.uri(), client_secret("s"))).unwrap();
+        let err = client
+            .events_page(&["REGISTER".into()], 0, 0, 10)
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        let text = err.to_string();
+        assert!(text.starts_with("Keycloak refused the request"), "{text}");
+        assert!(text.contains("(400 Bad Request)"), "{text}");
+        assert!(text.contains("expected value is asc or desc"), "{text}");
+    }
+
+    #[tokio::test]
     async fn rejected_credentials_stop_the_wait_without_showing_the_secret() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
