@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lettre::Message;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -159,22 +158,20 @@ impl<M: Mailer> Notifier<M> {
         &self.cursor
     }
 
-    /// Polls on the interval until `shutdown`; a failed poll is logged and
-    /// tried again at the next tick, except a cursor that cannot be saved.
+    /// Polls on the interval until `shutdown`. A failed poll is logged and
+    /// tried again from the same cursor, after the interval or, when polls
+    /// keep failing (Keycloak down), after a growing backoff up to a minute;
+    /// only a state that cannot be recorded stops the loop.
     pub async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
-        let mut ticker = tokio::time::interval(self.config.poll_interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let interval = self.config.poll_interval;
         info!(
             realm = %self.config.keycloak.realm,
             types = %self.config.event_types.join(","),
-            every = %humantime::format_duration(self.config.poll_interval),
+            every = %humantime::format_duration(interval),
             "watching for events"
         );
+        let mut backoff = retry::backoff();
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shutdown.cancelled() => break,
-            }
             let result = self.poll(shutdown).await;
             if let Some(heartbeat) = &self.heartbeat {
                 match &result {
@@ -182,25 +179,42 @@ impl<M: Mailer> Notifier<M> {
                     Err(err) => heartbeat.poll_failed(&err.to_string()),
                 }
             }
-            match result {
-                Ok(summary) if summary.mailed + summary.dead_lettered > 0 => info!(
-                    mailed = summary.mailed,
-                    dead_lettered = summary.dead_lettered,
-                    fetched = summary.fetched,
-                    pages = summary.pages,
-                    "poll done"
-                ),
-                Ok(summary) => debug!(
-                    fetched = summary.fetched,
-                    pages = summary.pages,
-                    "poll done"
-                ),
+            let wait = match result {
+                Ok(summary) => {
+                    if summary.mailed + summary.dead_lettered > 0 {
+                        info!(
+                            mailed = summary.mailed,
+                            dead_lettered = summary.dead_lettered,
+                            fetched = summary.fetched,
+                            pages = summary.pages,
+                            "poll done"
+                        );
+                    } else {
+                        debug!(
+                            fetched = summary.fetched,
+                            pages = summary.pages,
+                            "poll done"
+                        );
+                    }
+                    backoff = retry::backoff();
+                    interval
+                }
                 Err(PollError::Cursor(err)) => return Err(err.into()),
                 Err(PollError::DeadLetter(err)) => return Err(err.into()),
-                Err(PollError::Keycloak(err)) if !err.is_retryable() => {
-                    error!(error = %err, "poll failed; trying again at the next interval");
+                Err(err) => {
+                    let wait = interval.max(backoff.next().unwrap_or(retry::MAX_DELAY));
+                    let retry_in = retry::show(wait);
+                    match &err {
+                        PollError::Keycloak(e) if !e.is_retryable() => {
+                            error!(error = %err, %retry_in, "poll failed");
+                        }
+                        _ => warn!(error = %err, %retry_in, "poll failed"),
+                    }
+                    wait
                 }
-                Err(err) => warn!(error = %err, "poll failed; trying again at the next interval"),
+            };
+            if !retry::sleep_or_stop(wait, shutdown).await {
+                break;
             }
         }
         info!(cursor = %format_ms(self.cursor.time), "stopped");
