@@ -160,6 +160,20 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    pub log_format: LogFormat,
+    /// `NOTIFIER_LOG_LEVEL`; `RUST_LOG`, when set, wins.
+    pub log_level: Option<String>,
+    /// Variables with one of our prefixes that the notifier does not know
+    /// (typos, mostly), each with the known name it probably meant.
+    pub unknown_vars: Vec<(String, Option<&'static str>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
 }
 
 /// One configuration problem, naming the variable at fault.
@@ -218,6 +232,8 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_STATE_DIR",
     "NOTIFIER_START_FROM",
     "NOTIFIER_PAGE_SIZE",
+    "NOTIFIER_LOG_FORMAT",
+    "NOTIFIER_LOG_LEVEL",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -247,6 +263,8 @@ struct RawEnv {
     notifier_state_dir: Option<String>,
     notifier_start_from: Option<String>,
     notifier_page_size: Option<String>,
+    notifier_log_format: Option<String>,
+    notifier_log_level: Option<String>,
 }
 
 impl Config {
@@ -260,6 +278,7 @@ impl Config {
         vars: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        let mut unknown = Vec::new();
         let mut ours = BTreeMap::new();
         for (key, value) in vars {
             let Some(key) = key.to_str().map(str::to_owned) else {
@@ -267,6 +286,9 @@ impl Config {
             };
             if !VAR_PREFIXES.iter().any(|p| key.starts_with(p)) {
                 continue;
+            }
+            if !KNOWN_VARS.contains(&key.as_str()) {
+                unknown.push((key.clone(), closest_known(&key)));
             }
             match value.into_string() {
                 // An empty value counts as unset, as `VAR=` in an env file means.
@@ -295,7 +317,11 @@ impl Config {
         let mut v = Validator { problems };
         let config = v.config(raw);
         match config {
-            Some(config) if v.problems.is_empty() => Ok(config),
+            Some(mut config) if v.problems.is_empty() => {
+                unknown.sort();
+                config.unknown_vars = unknown;
+                Ok(config)
+            }
             _ => Err(ConfigError {
                 problems: v.problems,
             }),
@@ -396,6 +422,28 @@ impl Validator {
         );
         let start_from = self.start_from(raw.notifier_start_from.as_deref());
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
+        let log_format = match raw.notifier_log_format.as_deref().map(str::trim) {
+            None => Some(LogFormat::Text),
+            Some(f) if f.eq_ignore_ascii_case("text") => Some(LogFormat::Text),
+            Some(f) if f.eq_ignore_ascii_case("json") => Some(LogFormat::Json),
+            Some(f) => {
+                self.problem("NOTIFIER_LOG_FORMAT", format!("{f:?} is not text or json"));
+                None
+            }
+        };
+        let log_level = match raw.notifier_log_level.as_deref().map(str::trim) {
+            None => Some(None),
+            Some(l) if LOG_LEVELS.contains(&l.to_ascii_lowercase().as_str()) => {
+                Some(Some(l.to_ascii_lowercase()))
+            }
+            Some(l) => {
+                self.problem(
+                    "NOTIFIER_LOG_LEVEL",
+                    format!("{l:?} is not one of {}", LOG_LEVELS.join(", ")),
+                );
+                None
+            }
+        };
         Some(Config {
             keycloak: keycloak?,
             smtp: smtp?,
@@ -404,6 +452,9 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            log_format: log_format?,
+            log_level: log_level?,
+            unknown_vars: Vec::new(),
         })
     }
 
@@ -742,6 +793,35 @@ impl Validator {
             }
         }
     }
+}
+
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// The known variable `name` most likely meant, if it is close enough
+/// (at most three edits, a third of its length).
+fn closest_known(name: &str) -> Option<&'static str> {
+    KNOWN_VARS
+        .iter()
+        .map(|known| (edit_distance(name, known), *known))
+        .filter(|(d, _)| *d <= 3 && *d * 3 <= name.len())
+        .min()
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance (variable names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let old = row[j + 1];
+            row[j + 1] = (old + 1).min(row[j] + 1).min(prev + usize::from(ca != *cb));
+            prev = old;
+        }
+    }
+    row[b.len()]
 }
 
 /// Parses `KEYCLOAK_URL`: http or https, no query or fragment, trailing
@@ -1104,6 +1184,46 @@ mod tests {
             assert!(!text.contains("a/b=c?d+e&f"), "{text}");
             assert!(!text.contains("smtp-hunter2"), "{text}");
         }
+    }
+
+    #[test]
+    fn unknown_prefixed_variables_are_listed_with_the_name_they_probably_meant() {
+        let config = Config::from_vars(with(&[
+            ("NOTIFIER_EVENT_TYPE", "REGISTER"),
+            ("SMTP_RECIEVER", "x@example.com"),
+            ("KEYCLOAK_SOMETHING_ELSE", "1"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.unknown_vars,
+            vec![
+                ("KEYCLOAK_SOMETHING_ELSE".to_owned(), None),
+                (
+                    "NOTIFIER_EVENT_TYPE".to_owned(),
+                    Some("NOTIFIER_EVENT_TYPES")
+                ),
+                ("SMTP_RECIEVER".to_owned(), Some("SMTP_RECEIVER")),
+            ]
+        );
+    }
+
+    #[test]
+    fn log_format_and_level_are_checked() {
+        let config = Config::from_vars(with(&[
+            ("NOTIFIER_LOG_FORMAT", "JSON"),
+            ("NOTIFIER_LOG_LEVEL", "Debug"),
+        ]))
+        .unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.log_level.as_deref(), Some("debug"));
+        assert_eq!(
+            problems(with(&[
+                ("NOTIFIER_LOG_FORMAT", "xml"),
+                ("NOTIFIER_LOG_LEVEL", "loud")
+            ])),
+            ["NOTIFIER_LOG_FORMAT", "NOTIFIER_LOG_LEVEL"]
+        );
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct Notifier<M> {
     cursor: Cursor,
     dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
+    /// Retry a transient SMTP failure until it works (the daemon), or give
+    /// up the poll at once (`once`, whose caller reports the failure).
+    retry_mail: bool,
 }
 
 /// Loads the cursor, or on the first run makes one from
@@ -128,6 +131,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .await
 }
 
+/// One poll and exit, for cron and Kubernetes CronJobs: no waiting for
+/// Keycloak and no retrying of mail; the cursor keeps what was accepted.
+pub async fn run_once(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<PollSummary, RunError> {
+    let (store, cursor) = open_cursor(&config)?;
+    let mailer = SmtpMailer::new(&config.smtp)?;
+    let mut keycloak = KeycloakClient::new(&config.keycloak)?;
+    keycloak.connect().await?;
+    check_event_settings(&mut keycloak, &config, &cursor).await;
+    let mut notifier =
+        Notifier::new(config, keycloak, mailer, store, cursor).without_mail_retries();
+    match notifier.poll(&shutdown).await {
+        Ok(summary) => Ok(summary),
+        Err(PollError::Keycloak(err)) => Err(err.into()),
+        Err(PollError::Mail(err)) => Err(err.into()),
+        Err(PollError::Cursor(err)) => Err(err.into()),
+        Err(PollError::DeadLetter(err)) => Err(err.into()),
+    }
+}
+
 impl<M: Mailer> Notifier<M> {
     pub fn new(
         config: Config,
@@ -145,7 +170,15 @@ impl<M: Mailer> Notifier<M> {
             cursor,
             dead_letters,
             heartbeat: None,
+            retry_mail: true,
         }
+    }
+
+    /// Gives up a poll at the first transient SMTP failure instead of
+    /// retrying (the cursor stays on the last accepted mail).
+    pub fn without_mail_retries(mut self) -> Self {
+        self.retry_mail = false;
+        self
     }
 
     /// Reports each poll's outcome to `heartbeat` (for `healthcheck`).
@@ -302,6 +335,7 @@ impl<M: Mailer> Notifier<M> {
                     );
                     return Ok(Delivery::DeadLettered);
                 }
+                Err(err) if err.is_transient() && !self.retry_mail => return Err(err.into()),
                 Err(err) if err.is_transient() => {
                     let delay = delays.next().unwrap_or(retry::MAX_DELAY);
                     warn!(

@@ -195,6 +195,12 @@ impl KeycloakClient {
         }
     }
 
+    /// One login attempt (with the legacy-path fallback), no waiting: for
+    /// `once` and `check`.
+    pub async fn connect(&mut self) -> Result<(), KeycloakError> {
+        self.login_trying_legacy_path().await
+    }
+
     async fn login(&mut self) -> Result<(), KeycloakError> {
         self.token = Some(self.request_token().await?);
         Ok(())
@@ -304,6 +310,16 @@ impl KeycloakClient {
         })
     }
 
+    /// Proves the `view-users` role: asks for one user of the realm.
+    pub async fn users_probe(&mut self) -> Result<(), KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, "users"]);
+        let query = [
+            ("max", "1".to_owned()),
+            ("briefRepresentation", "true".to_owned()),
+        ];
+        self.get_json(&url, &query, "view-users").await.map(|_| ())
+    }
+
     /// The realm's event settings (`GET …/events/config`; read only).
     pub async fn events_config(&mut self) -> Result<EventsConfig, KeycloakError> {
         let url = self.url(&["admin", "realms", &self.realm, "events", "config"]);
@@ -405,6 +421,16 @@ pub fn event_settings_warnings(
         warnings.push(format!(
             "the realm does not save these watched event types, so they are never mailed: {}",
             not_saved.join(", ")
+        ));
+    }
+    if let Some(expiration) = settings
+        .events_expiration
+        .filter(|s| (1..86_400).contains(s))
+    {
+        warnings.push(format!(
+            "the realm deletes events after {}, less than a day: if the notifier is down \
+             longer, events expire unseen",
+            humantime::format_duration(Duration::from_secs(expiration.unsigned_abs()))
         ));
     }
     if let Some(expiration) = settings.events_expiration.filter(|s| *s > 0) {
@@ -554,6 +580,12 @@ mod tests {
         };
         let now = 10 * 86_400_000;
         assert!(event_settings_warnings(&one_day, &watched, now - 3_600_000, now).is_empty());
+        let one_hour = EventsConfig {
+            events_expiration: Some(3_600),
+            ..one_day.clone()
+        };
+        let short = event_settings_warnings(&one_hour, &watched, now, now);
+        assert!(short[0].contains("less than a day"), "{short:?}");
         let late = event_settings_warnings(&one_day, &watched, now - 2 * 86_400_000, now);
         assert_eq!(late.len(), 1);
         assert!(

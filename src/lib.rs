@@ -4,6 +4,7 @@
 //! `main.rs` only wires these modules together.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod cursor;
 pub mod daemon;

@@ -109,6 +109,35 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
     }
 }
 
+/// The mail of `send-test-email`: proves the SMTP settings reach the
+/// recipients, and says where it came from.
+pub fn test_mail(config: &crate::config::Config) -> Rendered {
+    let realm = &config.keycloak.realm;
+    let now = chrono::Utc::now();
+    Rendered {
+        subject: header_text(
+            &format!("[Keycloak {realm}] keycloak-notifier test mail"),
+            MAX_SUBJECT_CHARS,
+        ),
+        body: format!(
+            "This is a test mail from keycloak-notifier {}.\n\n\
+             If you can read it, mails about events in Keycloak realm {} will reach\n\
+             this address through {}:{}.\n\nSent at {} (UTC).\n",
+            env!("CARGO_PKG_VERSION"),
+            body_text(realm),
+            config.smtp.host,
+            config.smtp.port,
+            now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
+        message_id: format!(
+            "<kn-test.{}.{}@{}>",
+            id_safe(realm),
+            now.timestamp_millis(),
+            domain_safe(config.smtp.sender.email.domain())
+        ),
+    }
+}
+
 /// Text for a header: control characters (CR, LF, tabs, the Unicode line
 /// separators) become spaces, runs of spaces collapse, and the result is cut.
 pub fn header_text(value: &str, max_chars: usize) -> String {
@@ -210,6 +239,14 @@ impl MailError {
     /// Whether sending the same mail again later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, MailError::Transient(_))
+    }
+
+    /// What went wrong, without the word on retrying (for reports).
+    pub fn detail(&self) -> String {
+        match self {
+            MailError::Transient(detail) | MailError::Permanent(detail) => detail.clone(),
+            other => other.to_string(),
+        }
     }
 }
 

@@ -3,30 +3,50 @@
 use std::process::ExitCode;
 
 use keycloak_notifier::config::{self, Config};
-use keycloak_notifier::{daemon, health, telemetry};
+use keycloak_notifier::{check, daemon, health, mail, telemetry};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Exit code for a configuration that cannot work.
 const EXIT_CONFIG: u8 = 2;
-/// Exit code for a fatal error while running.
+/// Exit code for a failure while running.
 const EXIT_FAILURE: u8 = 1;
 
 const USAGE: &str = "\
 keycloak-notifier: mails administrators about new Keycloak events.
 
-Usage: keycloak-notifier [run]       run the notifier (the default)
-       keycloak-notifier healthcheck   exit 0 if the running notifier is alive
-       keycloak-notifier --help | --version
+Usage: keycloak-notifier [COMMAND]
+
+Commands:
+  run               run the notifier until SIGTERM/SIGINT (the default)
+  once              poll once, mail what is new, save the cursor, exit
+                    (for cron and Kubernetes CronJobs; exit 0 on success)
+  check             check the configuration, the Keycloak login and roles,
+                    the realm's event settings and the SMTP login, without
+                    mailing anything; exit 0 only if every check passes
+  send-test-email   send one test mail to the recipients, show the reply
+  healthcheck       exit 0 if the running notifier is alive (HEALTHCHECK)
+  --help, --version
 
 All configuration comes from environment variables (KEYCLOAK_URL,
 KEYCLOAK_REALM, KEYCLOAK_CLIENT_ID, KEYCLOAK_CLIENT_SECRET, SMTP_HOST,
 SMTP_SENDER, SMTP_RECEIVER, NOTIFIER_EVENT_TYPES, ...); the README lists
 them all with their defaults.";
 
+#[derive(Clone, Copy)]
+enum Command {
+    Run,
+    Once,
+    Check,
+    SendTestEmail,
+}
+
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        None | Some("run") => {}
+    let command = match std::env::args().nth(1).as_deref() {
+        None | Some("run") => Command::Run,
+        Some("once") => Command::Once,
+        Some("check") => Command::Check,
+        Some("send-test-email") => Command::SendTestEmail,
         Some("healthcheck") => return healthcheck(),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
@@ -40,7 +60,7 @@ fn main() -> ExitCode {
             eprintln!("unknown argument {other:?}\n\n{USAGE}");
             return ExitCode::from(EXIT_CONFIG);
         }
-    }
+    };
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -48,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init();
+    telemetry::init(config.log_format, config.log_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,22 +79,79 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(async {
-        info!(
-            version = env!("CARGO_PKG_VERSION"),
-            "keycloak-notifier starting"
-        );
+    runtime.block_on(async move {
+        for (name, meant) in &config.unknown_vars {
+            match meant {
+                Some(meant) => {
+                    warn!(variable = %name, did_you_mean = %meant, "unknown variable, ignored")
+                }
+                None => warn!(variable = %name, "unknown variable, ignored"),
+            }
+        }
         tracing::debug!(config = %config.redacted_summary(), "configuration");
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        match daemon::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                error!(error = %err, "stopping");
-                ExitCode::from(EXIT_FAILURE)
+        match command {
+            Command::Run => {
+                info!(
+                    version = env!("CARGO_PKG_VERSION"),
+                    "keycloak-notifier starting"
+                );
+                exit(daemon::run(config, shutdown).await)
             }
+            Command::Once => exit(daemon::run_once(config, shutdown).await.map(|summary| {
+                info!(
+                    mailed = summary.mailed,
+                    dead_lettered = summary.dead_lettered,
+                    fetched = summary.fetched,
+                    "once: done"
+                );
+            })),
+            Command::Check => {
+                let lines = check::run(&config).await;
+                for line in &lines {
+                    println!("{line}");
+                }
+                if lines.iter().all(|l| l.passed) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+            Command::SendTestEmail => send_test_email(&config).await,
         }
     })
+}
+
+fn exit<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = %err, "stopping");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn send_test_email(config: &Config) -> ExitCode {
+    let sent = async {
+        let mailer = keycloak_notifier::smtp::SmtpMailer::new(&config.smtp)?;
+        let message = mail::build_message(mail::test_mail(config), &config.smtp)?;
+        mailer.send_with_reply(message).await
+    };
+    match sent.await {
+        Ok(reply) => {
+            println!(
+                "sent to {} recipient(s); the server answered: {reply}",
+                config.smtp.recipients.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!("not sent: {}", err.detail());
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// Reads the running daemon's heartbeat in the state directory.

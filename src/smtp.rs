@@ -24,6 +24,7 @@ use lettre::transport::smtp::client::{
 };
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -70,33 +71,64 @@ impl fmt::Display for Step {
     }
 }
 
-/// A refusal of a recipient or the message itself is the mail's fault; at
-/// every other step it is the connection's or the configuration's.
-fn classify(step: Step, err: &lettre::transport::smtp::Error) -> MailError {
-    let text = format!("{step} failed: {}", error_chain(err));
-    match step {
-        Step::Recipient | Step::Data | Step::Message if err.is_permanent() => {
-            MailError::Permanent(text)
-        }
-        _ => MailError::Transient(text),
+/// What to change, in one sentence, for the SMTP failures that are almost
+/// always a setting: the operator reads this next to the server's words.
+fn hint(step: Step, security: SmtpSecurity, port: u16, error: &str) -> Option<String> {
+    let error_lower = error.to_ascii_lowercase();
+    let tls_step = step == Step::Tls;
+    let early = matches!(
+        step,
+        Step::Connect | Step::Tls | Step::Greeting | Step::StartTls
+    );
+    if error.contains("UnknownIssuer") || error_lower.contains("unknown ca") {
+        return Some(
+            "the server's certificate is not signed by a CA the notifier knows: put your \
+             CA's certificate (PEM) in a file and name it in SMTP_CA_FILE"
+                .into(),
+        );
     }
-}
-
-fn io_failure(step: Step, err: &dyn std::error::Error) -> MailError {
-    MailError::Transient(format!("{step} failed: {}", error_chain(err)))
-}
-
-fn timed_out(step: Step) -> MailError {
-    MailError::Transient(format!(
-        "{step} failed: no answer within {}",
-        humantime::format_duration(SMTP_TIMEOUT)
-    ))
-}
-
-async fn within<T>(step: Step, future: impl Future<Output = T>) -> Result<T, MailError> {
-    tokio::time::timeout(SMTP_TIMEOUT, future)
-        .await
-        .map_err(|_| timed_out(step))
+    if error.contains("NotValidForName") {
+        return Some(
+            "the server's certificate does not name SMTP_HOST: set SMTP_HOST to the name \
+             the certificate was issued for"
+                .into(),
+        );
+    }
+    if early && security == SmtpSecurity::Tls && port != 465 {
+        return Some(format!(
+            "port {port} usually speaks plain SMTP first: with SMTP_SECURITY=tls use port \
+             465, or keep port {port} with SMTP_SECURITY=starttls"
+        ));
+    }
+    if early && security == SmtpSecurity::StartTls && port == 465 && !tls_step {
+        return Some(
+            "port 465 expects TLS from the first byte: set SMTP_SECURITY=tls (or use port \
+             587 with starttls)"
+                .into(),
+        );
+    }
+    if step == Step::Auth {
+        if error_lower.contains("no compatible authentication mechanism") {
+            return Some(
+                "the server offers no login here: if it needs none, unset SMTP_PASSWORD; \
+                 many servers offer it only after STARTTLS (SMTP_SECURITY=starttls)"
+                    .into(),
+            );
+        }
+        return Some(
+            "the server refused the login: check SMTP_USERNAME (default: the sender's \
+             address) and SMTP_PASSWORD"
+                .into(),
+        );
+    }
+    if step == Step::Sender && error.contains(" 5") {
+        return Some(
+            "the server refused the sender: SMTP_SENDER must be an address this account may \
+             send as"
+                .into(),
+        );
+    }
+    None
 }
 
 struct OpenConnection {
@@ -108,6 +140,7 @@ struct OpenConnection {
 pub struct SmtpMailer {
     host: String,
     port: u16,
+    security: SmtpSecurity,
     starttls: Option<TlsParameters>,
     implicit_tls: Option<Arc<rustls::ClientConfig>>,
     credentials: Option<Credentials>,
@@ -147,6 +180,7 @@ impl SmtpMailer {
         Ok(Self {
             host: smtp.host.clone(),
             port: smtp.port,
+            security: smtp.security,
             starttls,
             implicit_tls,
             // No password, no AUTH: servers such as Mailpit offer none and
@@ -160,35 +194,76 @@ impl SmtpMailer {
         })
     }
 
+    /// A refusal of a recipient or the message itself is the mail's fault;
+    /// at every other step it is the connection's or the configuration's.
+    fn classify(&self, step: Step, err: &lettre::transport::smtp::Error) -> MailError {
+        let text = self.describe(step, &error_chain(err));
+        match step {
+            Step::Recipient | Step::Data | Step::Message if err.is_permanent() => {
+                MailError::Permanent(text)
+            }
+            _ => MailError::Transient(text),
+        }
+    }
+
+    fn io_failure(&self, step: Step, err: &dyn std::error::Error) -> MailError {
+        MailError::Transient(self.describe(step, &error_chain(err)))
+    }
+
+    /// "STEP failed: ERROR", and a hint when the cause is likely a setting.
+    fn describe(&self, step: Step, error: &str) -> String {
+        match hint(step, self.security, self.port, error) {
+            Some(hint) => format!("{step} failed: {error}. Hint: {hint}"),
+            None => format!("{step} failed: {error}"),
+        }
+    }
+
+    async fn within<T>(&self, step: Step, future: impl Future<Output = T>) -> Result<T, MailError> {
+        tokio::time::timeout(SMTP_TIMEOUT, future)
+            .await
+            .map_err(|_| {
+                MailError::Transient(self.describe(
+                    step,
+                    &format!(
+                        "no answer within {}",
+                        humantime::format_duration(SMTP_TIMEOUT)
+                    ),
+                ))
+            })
+    }
+
     async fn connect(&self) -> Result<AsyncSmtpConnection, MailError> {
-        let tcp = within(
-            Step::Connect,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await?
-        .map_err(|err| io_failure(Step::Connect, &err))?;
+        let tcp = self
+            .within(
+                Step::Connect,
+                TcpStream::connect((self.host.as_str(), self.port)),
+            )
+            .await?
+            .map_err(|err| self.io_failure(Step::Connect, &err))?;
         tcp.set_nodelay(true)
-            .map_err(|err| io_failure(Step::Connect, &err))?;
+            .map_err(|err| self.io_failure(Step::Connect, &err))?;
         let stream: Box<dyn AsyncTokioStream> = match &self.implicit_tls {
             Some(config) => {
                 let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|err| io_failure(Step::Tls, &err))?;
-                let tls = within(
-                    Step::Tls,
-                    tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, tcp),
-                )
-                .await?
-                .map_err(|err| io_failure(Step::Tls, &err))?;
+                    .map_err(|err| self.io_failure(Step::Tls, &err))?;
+                let tls = self
+                    .within(
+                        Step::Tls,
+                        tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, tcp),
+                    )
+                    .await?
+                    .map_err(|err| self.io_failure(Step::Tls, &err))?;
                 Box::new(ImplicitTls(tls))
             }
             None => Box::new(tcp),
         };
-        let mut conn = within(
-            Step::Greeting,
-            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
-        )
-        .await?
-        .map_err(|err| classify(Step::Greeting, &err))?;
+        let mut conn = self
+            .within(
+                Step::Greeting,
+                AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+            )
+            .await?
+            .map_err(|err| self.classify(Step::Greeting, &err))?;
         if let Some(params) = &self.starttls {
             if !conn.can_starttls() {
                 return Err(MailError::Transient(format!(
@@ -200,27 +275,28 @@ impl SmtpMailer {
                     self.port
                 )));
             }
-            within(Step::StartTls, conn.starttls(params.clone(), &self.hello))
+            self.within(Step::StartTls, conn.starttls(params.clone(), &self.hello))
                 .await?
-                .map_err(|err| classify(Step::StartTls, &err))?;
+                .map_err(|err| self.classify(Step::StartTls, &err))?;
         }
         if let Some(credentials) = &self.credentials {
-            within(
+            self.within(
                 Step::Auth,
                 conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
             )
             .await?
-            .map_err(|err| classify(Step::Auth, &err))?;
+            .map_err(|err| self.classify(Step::Auth, &err))?;
         }
         Ok(conn)
     }
 
-    /// One mail transaction on `conn`, step by step.
+    /// One mail transaction on `conn`, step by step; the server's last reply.
     async fn transaction(
+        &self,
         conn: &mut AsyncSmtpConnection,
         envelope: &Envelope,
         body: &[u8],
-    ) -> Result<(), MailError> {
+    ) -> Result<Response, MailError> {
         let mut options = Vec::new();
         if !body.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
             options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
@@ -233,32 +309,50 @@ impl SmtpMailer {
         if non_ascii_address && conn.server_info().supports_feature(Extension::SmtpUtfEight) {
             options.push(MailParameter::SmtpUtfEight);
         }
-        within(
+        self.within(
             Step::Sender,
             conn.command(Mail::new(envelope.from().cloned(), options)),
         )
         .await?
-        .map_err(|err| classify(Step::Sender, &err))?;
+        .map_err(|err| self.classify(Step::Sender, &err))?;
         for recipient in envelope.to() {
-            within(
+            self.within(
                 Step::Recipient,
                 conn.command(Rcpt::new(recipient.clone(), vec![])),
             )
             .await?
-            .map_err(|err| classify(Step::Recipient, &err))?;
+            .map_err(|err| self.classify(Step::Recipient, &err))?;
         }
-        within(Step::Data, conn.command(Data))
+        self.within(Step::Data, conn.command(Data))
             .await?
-            .map_err(|err| classify(Step::Data, &err))?;
-        within(Step::Message, conn.message(body))
+            .map_err(|err| self.classify(Step::Data, &err))?;
+        self.within(Step::Message, conn.message(body))
             .await?
-            .map_err(|err| classify(Step::Message, &err))?;
-        Ok(())
+            .map_err(|err| self.classify(Step::Message, &err))
     }
-}
 
-impl Mailer for SmtpMailer {
-    async fn send(&self, message: Message) -> Result<(), MailError> {
+    /// Connects, negotiates TLS and logs in as a mail would, then says
+    /// goodbye without sending anything (for `check`).
+    pub async fn probe(&self) -> Result<String, MailError> {
+        let mut conn = self.connect().await?;
+        let _ = self.within(Step::Message, conn.quit()).await;
+        let tls = match self.security {
+            SmtpSecurity::StartTls => "STARTTLS",
+            SmtpSecurity::Tls => "TLS",
+            SmtpSecurity::None => "no encryption",
+        };
+        let login = match &self.credentials {
+            Some(_) => "logged in",
+            None => "no login",
+        };
+        Ok(format!(
+            "{}:{} answered ({tls}, {login})",
+            self.host, self.port
+        ))
+    }
+
+    /// Sends `message` and returns the server's reply to it.
+    pub async fn send_with_reply(&self, message: Message) -> Result<String, MailError> {
         let envelope = message.envelope().clone();
         let body = message.formatted();
         let mut open = self.open.lock().await;
@@ -278,13 +372,17 @@ impl Mailer for SmtpMailer {
                 Some(conn) => conn,
                 None => self.connect().await?,
             };
-            match Self::transaction(&mut conn, &envelope, &body).await {
-                Ok(()) => {
+            match self.transaction(&mut conn, &envelope, &body).await {
+                Ok(reply) => {
                     *open = Some(OpenConnection {
                         conn,
                         last_used: Instant::now(),
                     });
-                    return Ok(());
+                    return Ok(format!(
+                        "{} {}",
+                        reply.code(),
+                        reply.message().collect::<Vec<_>>().join(" ")
+                    ));
                 }
                 Err(err) => {
                     conn.abort().await;
@@ -297,6 +395,12 @@ impl Mailer for SmtpMailer {
             }
         }
         Err(MailError::Transient("no SMTP connection".into()))
+    }
+}
+
+impl Mailer for SmtpMailer {
+    async fn send(&self, message: Message) -> Result<(), MailError> {
+        self.send_with_reply(message).await.map(|_| ())
     }
 }
 
@@ -340,5 +444,84 @@ impl AsyncWrite for ImplicitTls {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint_for(step: Step, security: SmtpSecurity, port: u16, error: &str) -> String {
+        hint(step, security, port, error).unwrap_or_default()
+    }
+
+    #[test]
+    fn common_mistakes_get_a_sentence_saying_what_to_change() {
+        let tls_on_587 = hint_for(
+            Step::Tls,
+            SmtpSecurity::Tls,
+            587,
+            "received corrupt message",
+        );
+        assert!(
+            tls_on_587.contains("SMTP_SECURITY=starttls"),
+            "{tls_on_587}"
+        );
+        let starttls_on_465 = hint_for(
+            Step::Greeting,
+            SmtpSecurity::StartTls,
+            465,
+            "no answer within 30s",
+        );
+        assert!(
+            starttls_on_465.contains("SMTP_SECURITY=tls"),
+            "{starttls_on_465}"
+        );
+        let unknown_ca = hint_for(
+            Step::StartTls,
+            SmtpSecurity::StartTls,
+            587,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert!(unknown_ca.contains("SMTP_CA_FILE"), "{unknown_ca}");
+        let login = hint_for(
+            Step::Auth,
+            SmtpSecurity::StartTls,
+            587,
+            "535 5.7.8 bad credentials",
+        );
+        assert!(
+            login.contains("SMTP_USERNAME") && login.contains("SMTP_PASSWORD"),
+            "{login}"
+        );
+        let no_auth = hint_for(
+            Step::Auth,
+            SmtpSecurity::None,
+            25,
+            "No compatible authentication mechanism was found",
+        );
+        assert!(no_auth.contains("unset SMTP_PASSWORD"), "{no_auth}");
+    }
+
+    #[test]
+    fn a_refused_recipient_or_a_busy_server_gets_no_hint() {
+        assert_eq!(
+            hint(
+                Step::Recipient,
+                SmtpSecurity::StartTls,
+                587,
+                "550 no such user"
+            ),
+            None
+        );
+        assert_eq!(
+            hint(
+                Step::Connect,
+                SmtpSecurity::StartTls,
+                587,
+                "Connection refused"
+            ),
+            None
+        );
     }
 }

@@ -1,20 +1,28 @@
-//! Logging: human-readable lines on standard error, level from `RUST_LOG`.
+//! Logging on standard error: human-readable lines, or JSON lines with
+//! `NOTIFIER_LOG_FORMAT=json`; the level from `RUST_LOG`, else
+//! `NOTIFIER_LOG_LEVEL`, else info.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::config::LogFormat;
+
 /// The level used when `RUST_LOG` is unset or invalid.
 const DEFAULT_FILTER: &str = "info";
 
-pub fn init() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let _ = tracing_subscriber::fmt()
+pub fn init(format: LogFormat, level: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or(DEFAULT_FILTER)));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
         // Colour only on a terminal: container logs and files get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+    };
 }

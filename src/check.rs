@@ -1,0 +1,178 @@
+//! `keycloak-notifier check`: proves a configuration works, end to end,
+//! without mailing anything and without changing anything in Keycloak.
+//! One line per check; the command succeeds only when every check passes.
+
+use std::fmt;
+
+use chrono::Utc;
+
+use crate::config::{Config, Credentials};
+use crate::cursor::CursorStore;
+use crate::keycloak::{KeycloakClient, event_settings_warnings};
+use crate::smtp::SmtpMailer;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+impl fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.passed { "ok  " } else { "FAIL" };
+        write!(f, "{mark}  {:<16} {}", self.name, self.detail)
+    }
+}
+
+fn line(name: &'static str, result: Result<String, String>) -> CheckLine {
+    let (passed, detail) = match result {
+        Ok(detail) => (true, detail),
+        Err(detail) => (false, detail),
+    };
+    CheckLine {
+        name,
+        passed,
+        detail,
+    }
+}
+
+/// Runs every check; a check that cannot run because an earlier one failed
+/// says so.
+pub async fn run(config: &Config) -> Vec<CheckLine> {
+    let mut lines = vec![line("configuration", Ok(config.redacted_summary()))];
+    for (name, meant) in &config.unknown_vars {
+        lines.push(line(
+            "unknown variable",
+            Err(match meant {
+                Some(meant) => {
+                    format!("{name} is not a setting of the notifier; did you mean {meant}?")
+                }
+                None => format!("{name} is not a setting of the notifier"),
+            }),
+        ));
+    }
+    lines.push(line("state directory", state_directory(config)));
+
+    let who = match &config.keycloak.credentials {
+        Credentials::ClientSecret { client_id, .. } => format!("client {client_id:?}"),
+        Credentials::Password { username, .. } => format!("user {username:?}"),
+    };
+    match KeycloakClient::new(&config.keycloak) {
+        Err(err) => lines.push(line("keycloak login", Err(err.to_string()))),
+        Ok(mut keycloak) => match keycloak.connect().await {
+            Err(err) => {
+                lines.push(line("keycloak login", Err(err.to_string())));
+                for name in ["events", "users", "event settings"] {
+                    lines.push(line(name, Err("not checked: no login".into())));
+                }
+            }
+            Ok(()) => {
+                lines.push(line(
+                    "keycloak login",
+                    Ok(format!(
+                        "{} realm {:?} as {who}",
+                        keycloak.base_url(),
+                        config.keycloak.auth_realm
+                    )),
+                ));
+                let now = Utc::now().timestamp_millis();
+                lines.push(line(
+                    "events",
+                    keycloak
+                        .events_page(&config.event_types, now, 0, 1)
+                        .await
+                        .map(|_| "readable (role view-events)".to_owned())
+                        .map_err(|err| err.to_string()),
+                ));
+                lines.push(line(
+                    "users",
+                    keycloak
+                        .users_probe()
+                        .await
+                        .map(|()| "readable (role view-users)".to_owned())
+                        .map_err(|err| err.to_string()),
+                ));
+                lines.push(line(
+                    "event settings",
+                    match keycloak.events_config().await {
+                        Err(err) => Err(err.to_string()),
+                        Ok(settings) => {
+                            let since = CursorStore::new(&config.state_dir, &config.keycloak.realm)
+                                .load()
+                                .ok()
+                                .flatten()
+                                .map_or(now, |c| c.since);
+                            let warnings =
+                                event_settings_warnings(&settings, &config.event_types, since, now);
+                            if warnings.is_empty() {
+                                Ok(format!(
+                                    "events saved, including {}; {}",
+                                    config.event_types.join(", "),
+                                    match settings.events_expiration.filter(|s| *s > 0) {
+                                        Some(s) => format!("kept {s} s"),
+                                        None => "kept without expiry".into(),
+                                    }
+                                ))
+                            } else {
+                                Err(warnings.join("; "))
+                            }
+                        }
+                    },
+                ));
+            }
+        },
+    }
+
+    lines.push(line(
+        "smtp",
+        match SmtpMailer::new(&config.smtp) {
+            Err(err) => Err(err.detail()),
+            Ok(mailer) => mailer.probe().await.map_err(|err| err.detail()),
+        },
+    ));
+    lines
+}
+
+/// The state directory exists (or can be made) and takes a file, and the
+/// cursor, if any, is readable.
+fn state_directory(config: &Config) -> Result<String, String> {
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let probe = dir.join(".check-write");
+    std::fs::write(&probe, b"ok")
+        .map_err(|err| format!("cannot write in {}: {err}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let store = CursorStore::new(dir, &config.keycloak.realm);
+    match store.load() {
+        Ok(Some(cursor)) => Ok(format!(
+            "{} writable; cursor at {}",
+            dir.display(),
+            chrono::DateTime::from_timestamp_millis(cursor.time)
+                .map_or_else(|| cursor.time.to_string(), |t| t.to_rfc3339())
+        )),
+        Ok(None) => Ok(format!(
+            "{} writable; no cursor yet (first run)",
+            dir.display()
+        )),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_as_a_report() {
+        let ok = line("smtp", Ok("127.0.0.1:25 answered".into()));
+        let failed = line("users", Err("403".into()));
+        assert_eq!(
+            ok.to_string(),
+            "ok    smtp             127.0.0.1:25 answered"
+        );
+        assert_eq!(failed.to_string(), "FAIL  users            403");
+    }
+}

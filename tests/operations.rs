@@ -1,0 +1,226 @@
+//! The operator's commands on the real stack: `check`, `once`,
+//! `send-test-email`, logs (JSON, trace level without secrets) and warnings
+//! about misspelt variables.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn run(command: &str, env: &BTreeMap<String, String>) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keycloak-notifier"))
+        .arg(command)
+        .env_clear()
+        .envs(env)
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_on_a_working_setup_and_reports_each_check() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let env = stack.notifier_env("REGISTER,LOGIN_ERROR", "admins@example.test", state.path());
+    let output = run("check", &env);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("check report:\n{report}");
+    assert!(output.status.success(), "{}", text(&output));
+    for expected in [
+        "ok    configuration",
+        "ok    state directory",
+        "ok    keycloak login",
+        "ok    events           readable (role view-events)",
+        "ok    users            readable (role view-users)",
+        "ok    event settings   events saved, including REGISTER, LOGIN_ERROR; kept without expiry",
+        "ok    smtp",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
+    assert!(!report.contains(NOTIFIER_SECRET), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_fails_naming_what_is_wrong() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let mut env = stack.notifier_env("REGISTER,CLIENT_LOGIN", "admins@example.test", state.path());
+    env.insert("NOTIFIER_POLL_INTERVALL".into(), "10s".into());
+    env.insert("SMTP_PORT".into(), free_port().to_string());
+    let output = run("check", &env);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        report.contains("FAIL  unknown variable NOTIFIER_POLL_INTERVALL is not a setting of the notifier; did you mean NOTIFIER_POLL_INTERVAL?"),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL  event settings   the realm does not save these watched event types, so they are never mailed: CLIENT_LOGIN"),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL  smtp             connecting failed"),
+        "{report}"
+    );
+
+    env.insert("KEYCLOAK_CLIENT_SECRET".into(), "wrong-secret".into());
+    let output = run("check", &env);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        report.contains(
+            "FAIL  keycloak login   Keycloak rejected the credentials of client \"notifier\""
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL  users            not checked: no login"),
+        "{report}"
+    );
+    assert!(!report.contains("wrong-secret"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_mails_what_is_new_and_a_second_run_mails_nothing() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admin = format!("{}@example.test", unique("once"));
+    let mailbox = Mailbox::new(&stack, &admin);
+    let prefix = unique("once");
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admin, state.path());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    let names: Vec<String> = (0..5).map(|i| format!("{prefix}-{i}")).collect();
+    for name in &names {
+        failed_login(&stack, name).await;
+    }
+
+    let first = run("once", &env);
+    assert!(first.status.success(), "{}", text(&first));
+    assert_each_name_mailed_once(&names, &mailbox.matching(&prefix).await);
+    let second = run("once", &env);
+    assert!(second.status.success(), "{}", text(&second));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_each_name_mailed_once(&names, &mailbox.matching(&prefix).await);
+
+    // SMTP unreachable: the run fails, and the event waits for the next one.
+    let late = format!("{prefix}-late");
+    failed_login(&stack, &late).await;
+    let mut down = env.clone();
+    down.insert("SMTP_PORT".into(), free_port().to_string());
+    let failed = run("once", &down);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let again = run("once", &env);
+    assert!(again.status.success(), "{}", text(&again));
+    let mut all = names.clone();
+    all.push(late);
+    assert_each_name_mailed_once(&all, &mailbox.matching(&prefix).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_test_email_reaches_the_recipients_and_shows_the_reply() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admin = format!("{}@example.test", unique("testmail"));
+    let env = stack.notifier_env("REGISTER", &admin, state.path());
+    let output = run("send-test-email", &env);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        stdout.starts_with("sent to 1 recipient(s); the server answered: 250 "),
+        "{stdout}"
+    );
+    let mails = Mailbox::new(&stack, &admin)
+        .wait_for("keycloak-notifier test mail", 1)
+        .await;
+    assert_eq!(
+        mails[0].subject,
+        "[Keycloak test] keycloak-notifier test mail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_the_log_even_at_trace_level_and_json_lines_parse() {
+    let stack = Stack::get();
+    let dir = tempfile::tempdir().unwrap();
+    // A Mailpit that takes any login, so the SMTP password is really used.
+    let mailpit = MailpitProcess::start(
+        dir.path(),
+        &["--smtp-auth-accept-any", "--smtp-auth-allow-insecure"],
+    );
+    let admin = format!("{}@example.test", unique("secrets"));
+    let prefix = unique("secrets");
+    let smtp_password = "smtp-Secret-Value-0123";
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admin, dir.path());
+    env.insert("SMTP_PORT".into(), mailpit.smtp_port.to_string());
+    env.insert("SMTP_USERNAME".into(), "mailer".into());
+    env.insert("SMTP_PASSWORD".into(), smtp_password.into());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    env.insert("NOTIFIER_LOG_FORMAT".into(), "json".into());
+    env.insert("RUST_LOG".into(), "trace".into());
+    failed_login(&stack, &format!("{prefix}-x")).await;
+    let mut notifier = NotifierProcess::start(&env, &dir.path().join("notifier.log"));
+    Mailbox::at(&mailpit.api(), &admin)
+        .wait_for(&prefix, 1)
+        .await;
+    assert!(notifier.terminate().success());
+
+    let log = notifier.log_text();
+    assert!(
+        log.lines().count() > 20,
+        "trace logging should be busy:\n{log}"
+    );
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|err| panic!("not a JSON line ({err}): {line}"));
+    }
+    for secret in [NOTIFIER_SECRET, smtp_password] {
+        let form_encoded: String = url_encode(secret);
+        for form in [
+            secret.to_owned(),
+            form_encoded,
+            base64(secret),
+            base64(&format!("\0mailer\0{secret}")),
+        ] {
+            assert!(!log.contains(&form), "{form:?} appears in the log");
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn base64(s: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = s.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
