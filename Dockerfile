@@ -29,8 +29,11 @@ LABEL org.opencontainers.image.title="keycloak-notifier" \
 # mounted and named by KEYCLOAK_CA_FILE / SMTP_CA_FILE.
 COPY --from=build /out/keycloak-notifier /keycloak-notifier
 COPY --from=build --chown=65534:65534 /out/data /data
-ENV NOTIFIER_STATE_DIR=/data
+ENV NOTIFIER_STATE_DIR=/data \
+    NOTIFIER_HTTP_ADDR=0.0.0.0:8080
 VOLUME ["/data"]
+# /healthz, /readyz and /metrics.
+EXPOSE 8080
 USER 65534:65534
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["/keycloak-notifier", "healthcheck"]

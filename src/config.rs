@@ -160,6 +160,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_HTTP_ADDR`: where /healthz, /readyz and /metrics are served.
+    pub http_addr: Option<std::net::SocketAddr>,
     pub log_format: LogFormat,
     /// `NOTIFIER_LOG_LEVEL`; `RUST_LOG`, when set, wins.
     pub log_level: Option<String>,
@@ -234,6 +236,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_PAGE_SIZE",
     "NOTIFIER_LOG_FORMAT",
     "NOTIFIER_LOG_LEVEL",
+    "NOTIFIER_HTTP_ADDR",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -265,6 +268,7 @@ struct RawEnv {
     notifier_page_size: Option<String>,
     notifier_log_format: Option<String>,
     notifier_log_level: Option<String>,
+    notifier_http_addr: Option<String>,
 }
 
 impl Config {
@@ -348,8 +352,8 @@ impl Config {
         };
         format!(
             "keycloak={} realm={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
-             state_dir={} start_from={:?} page_size={} smtp={}:{} security={:?} smtp_auth={} \
-             sender={} recipients={}",
+             state_dir={} start_from={:?} page_size={} http={} smtp={}:{} security={:?} \
+             smtp_auth={} sender={} recipients={}",
             self.keycloak.base_url,
             self.keycloak.realm,
             self.keycloak.auth_realm,
@@ -359,6 +363,8 @@ impl Config {
             self.state_dir.display(),
             self.start_from,
             self.page_size,
+            self.http_addr
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
             self.smtp.host,
             self.smtp.port,
             self.smtp.security,
@@ -422,6 +428,19 @@ impl Validator {
         );
         let start_from = self.start_from(raw.notifier_start_from.as_deref());
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
+        let http_addr = match raw.notifier_http_addr.as_deref().map(str::trim) {
+            None => Some(None),
+            Some(addr) => match addr.parse::<std::net::SocketAddr>() {
+                Ok(addr) => Some(Some(addr)),
+                Err(_) => {
+                    self.problem(
+                        "NOTIFIER_HTTP_ADDR",
+                        format!("{addr:?} is not an address and port such as 0.0.0.0:8080"),
+                    );
+                    None
+                }
+            },
+        };
         let log_format = match raw.notifier_log_format.as_deref().map(str::trim) {
             None => Some(LogFormat::Text),
             Some(f) if f.eq_ignore_ascii_case("text") => Some(LogFormat::Text),
@@ -452,6 +471,7 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            http_addr: http_addr?,
             log_format: log_format?,
             log_level: log_level?,
             unknown_vars: Vec::new(),
@@ -929,6 +949,7 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/data"));
         assert_eq!(config.start_from, StartFrom::Now);
         assert_eq!(config.page_size, 100);
+        assert_eq!(config.http_addr, None);
         assert_eq!(config.smtp.security, SmtpSecurity::StartTls);
         assert_eq!(config.smtp.port, 587);
         assert_eq!(config.smtp.credentials, None);
@@ -1205,6 +1226,16 @@ mod tests {
                 ),
                 ("SMTP_RECIEVER".to_owned(), Some("SMTP_RECEIVER")),
             ]
+        );
+    }
+
+    #[test]
+    fn the_http_address_is_an_address_and_port() {
+        let config = Config::from_vars(with(&[("NOTIFIER_HTTP_ADDR", "0.0.0.0:8080")])).unwrap();
+        assert_eq!(config.http_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(
+            problems(with(&[("NOTIFIER_HTTP_ADDR", "8080")])),
+            ["NOTIFIER_HTTP_ADDR"]
         );
     }
 

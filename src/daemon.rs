@@ -1,7 +1,8 @@
 //! The notifier loop: wait for Keycloak, then poll on the interval and mail
 //! every new event, moving the cursor only after each mail is accepted.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lettre::Message;
@@ -13,8 +14,10 @@ use crate::cursor::{Cursor, CursorError, CursorStore};
 use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::event::Event;
 use crate::health::Heartbeat;
+use crate::http::{self, BindError};
 use crate::keycloak::{KeycloakClient, KeycloakError};
 use crate::mail::{self, MailError, Mailer};
+use crate::metrics::Metrics;
 use crate::poller::{is_last_page, next_offset, select_new};
 use crate::retry;
 use crate::smtp::SmtpMailer;
@@ -34,6 +37,8 @@ pub enum RunError {
     Mail(#[from] MailError),
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
+    #[error(transparent)]
+    Http(#[from] BindError),
 }
 
 /// Why one poll ended early. The cursor stays where the last accepted mail
@@ -78,6 +83,7 @@ pub struct Notifier<M> {
     cursor: Cursor,
     dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
+    metrics: Arc<Metrics>,
     /// Retry a transient SMTP failure until it works (the daemon), or give
     /// up the poll at once (`once`, whose caller reports the failure).
     retry_mail: bool,
@@ -118,6 +124,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let (store, cursor) = open_cursor(&config)?;
     let heartbeat = Heartbeat::new(&config.state_dir);
     tokio::spawn(heartbeat.clone().run(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.http_addr {
+        let listener = http::bind(addr).await?;
+        tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            vec![config.keycloak.realm.clone()],
+            config.poll_interval,
+            shutdown.clone(),
+        ));
+    }
     let mailer = SmtpMailer::new(&config.smtp)?;
     let mut keycloak = KeycloakClient::new(&config.keycloak)?;
     match keycloak.wait_until_ready(&shutdown).await {
@@ -127,6 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     check_event_settings(&mut keycloak, &config, &cursor).await;
     Notifier::new(config, keycloak, mailer, store, cursor)
         .with_heartbeat(heartbeat)
+        .with_metrics(metrics)
         .run(&shutdown)
         .await
 }
@@ -170,8 +188,15 @@ impl<M: Mailer> Notifier<M> {
             cursor,
             dead_letters,
             heartbeat: None,
+            metrics: Arc::default(),
             retry_mail: true,
         }
+    }
+
+    /// Records what it does in `metrics` (served on /metrics).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Gives up a poll at the first transient SMTP failure instead of
@@ -206,6 +231,11 @@ impl<M: Mailer> Notifier<M> {
         let mut backoff = retry::backoff();
         loop {
             let result = self.poll(shutdown).await;
+            let realm = &self.config.keycloak.realm;
+            self.metrics
+                .poll(realm, result.is_ok(), Utc::now().timestamp_millis());
+            self.metrics
+                .token_fetches(realm, self.keycloak.tokens_fetched());
             if let Some(heartbeat) = &self.heartbeat {
                 match &result {
                     Ok(_) => heartbeat.poll_succeeded(),
@@ -274,6 +304,8 @@ impl<M: Mailer> Notifier<M> {
                 if shutdown.is_cancelled() {
                     return Ok(summary);
                 }
+                self.metrics
+                    .event_seen(&self.config.keycloak.realm, &event.kind, event.time);
                 let rendered = mail::render(
                     &event,
                     &self.config.keycloak.realm,
@@ -307,12 +339,15 @@ impl<M: Mailer> Notifier<M> {
         let event_id = event.id.as_deref().unwrap_or("-");
         let mut delays = retry::backoff();
         for attempt in 1u64.. {
+            let started = Instant::now();
             let sent = tokio::select! {
                 sent = self.mailer.send(message.clone()) => sent,
                 () = grace_expired(shutdown) => return Ok(Delivery::Stopped),
             };
+            let took = started.elapsed();
             match sent {
                 Ok(()) => {
+                    self.metrics.mailed(realm, &event.kind, took);
                     info!(
                         realm = %realm,
                         r#type = %event.kind,
@@ -325,6 +360,7 @@ impl<M: Mailer> Notifier<M> {
                 }
                 Err(MailError::Permanent(reply)) => {
                     self.dead_letters.append(event, &reply)?;
+                    self.metrics.dead_lettered(realm, &event.kind, took);
                     error!(
                         realm = %realm,
                         r#type = %event.kind,
@@ -335,8 +371,12 @@ impl<M: Mailer> Notifier<M> {
                     );
                     return Ok(Delivery::DeadLettered);
                 }
-                Err(err) if err.is_transient() && !self.retry_mail => return Err(err.into()),
+                Err(err) if err.is_transient() && !self.retry_mail => {
+                    self.metrics.mail_failed(realm, &event.kind, took);
+                    return Err(err.into());
+                }
                 Err(err) if err.is_transient() => {
+                    self.metrics.mail_failed(realm, &event.kind, took);
                     let delay = delays.next().unwrap_or(retry::MAX_DELAY);
                     warn!(
                         realm = %realm,

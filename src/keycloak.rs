@@ -107,6 +107,7 @@ pub struct KeycloakClient {
     auth_realm: String,
     credentials: Credentials,
     token: Option<AccessToken>,
+    tokens_fetched: u64,
 }
 
 impl KeycloakClient {
@@ -127,6 +128,7 @@ impl KeycloakClient {
             auth_realm: config.auth_realm.clone(),
             credentials: config.credentials.clone(),
             token: None,
+            tokens_fetched: 0,
         })
     }
 
@@ -203,7 +205,13 @@ impl KeycloakClient {
 
     async fn login(&mut self) -> Result<(), KeycloakError> {
         self.token = Some(self.request_token().await?);
+        self.tokens_fetched += 1;
         Ok(())
+    }
+
+    /// How many access tokens this client has fetched in all.
+    pub fn tokens_fetched(&self) -> u64 {
+        self.tokens_fetched
     }
 
     async fn request_token(&self) -> Result<AccessToken, KeycloakError> {

@@ -154,15 +154,29 @@ async fn send_test_email(config: &Config) -> ExitCode {
     }
 }
 
-/// Reads the running daemon's heartbeat in the state directory.
+/// Asks the running daemon: `GET /healthz` when `NOTIFIER_HTTP_ADDR` is
+/// set, otherwise its heartbeat file in the state directory.
 fn healthcheck() -> ExitCode {
+    let http_addr = std::env::var("NOTIFIER_HTTP_ADDR")
+        .ok()
+        .and_then(|addr| addr.trim().parse::<std::net::SocketAddr>().ok());
+    if let Some(addr) = http_addr {
+        return report(keycloak_notifier::http::probe(addr));
+    }
     let state_dir = std::env::var_os("NOTIFIER_STATE_DIR")
         .filter(|dir| !dir.is_empty())
         .map_or_else(
             || std::path::PathBuf::from(config::DEFAULT_STATE_DIR),
             Into::into,
         );
-    match health::check(&state_dir, chrono::Utc::now().timestamp_millis()) {
+    report(health::check(
+        &state_dir,
+        chrono::Utc::now().timestamp_millis(),
+    ))
+}
+
+fn report(verdict: Result<String, String>) -> ExitCode {
+    match verdict {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS

@@ -24,8 +24,6 @@ const RUST_LOG: &str = "RUST_LOG";
 const SECRETS_DIR: &str = "/run/secrets/";
 /// Where the Keycloak image imports realms from with `--import-realm`.
 const KEYCLOAK_IMPORT_DIR: &str = "/opt/keycloak/data/import";
-/// The binary's path in the image, for the Kubernetes probe.
-const BINARY_IN_IMAGE: &str = "/keycloak-notifier";
 /// The image's user and group.
 const IMAGE_USER: u64 = 65534;
 
@@ -812,10 +810,12 @@ fn the_kubernetes_manifests_are_consistent() {
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
-    assert_eq!(
-        container["livenessProbe"]["exec"]["command"],
-        serde_json::json!([BINARY_IN_IMAGE, "healthcheck"])
-    );
+    // The probes ask the endpoint the image serves on 8080.
+    assert_eq!(container["ports"][0]["containerPort"], 8080);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let port_name = &container["ports"][0]["name"];
+    assert_eq!(&container["livenessProbe"]["httpGet"]["port"], port_name);
     assert!(container["resources"]["limits"]["memory"].is_string());
 
     // Only variables the notifier reads, set to plain values.

@@ -123,7 +123,10 @@ async fn the_scratch_image_mails_a_registration_keeps_its_cursor_on_the_volume_a
     let data = state_dir_for_uid_65534();
     let admin = format!("{}@example.test", unique("image"));
     let mailbox = Mailbox::new(&stack, &admin);
-    let env = container_env(&stack, "REGISTER", &admin);
+    let mut env = container_env(&stack, "REGISTER", &admin);
+    // The image serves on 0.0.0.0:8080; with the host's network, a free port.
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    env.push(("NOTIFIER_HTTP_ADDR".into(), http_addr.clone()));
 
     let first = Container::start(&image, data.path(), &env);
     let cursor = data.path().join("cursor-test.json");
@@ -154,8 +157,15 @@ async fn the_scratch_image_mails_a_registration_keeps_its_cursor_on_the_volume_a
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&owner.stdout).trim(), "65534");
 
-    // The image's own HEALTHCHECK (the binary's healthcheck subcommand).
+    // The image's own HEALTHCHECK (the binary's healthcheck subcommand,
+    // asking /healthz), and readiness after a successful poll.
     let health = podman(&["healthcheck", "run", &first.name]);
+    let ready = http(false)
+        .get(format!("http://{http_addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
     assert!(
         health.status.success(),
         "healthcheck: {}{}",

@@ -224,3 +224,67 @@ fn base64(s: &str) -> String {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_endpoint_reports_health_readiness_and_counts_that_match_the_mailbox() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admin = format!("{}@example.test", unique("metrics"));
+    let mailbox = Mailbox::new(&stack, &admin);
+    let prefix = unique("metrics");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admin, state.path());
+    env.insert("NOTIFIER_HTTP_ADDR".into(), addr.clone());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    let names: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
+    for name in &names {
+        failed_login(&stack, name).await;
+    }
+    let mut notifier = NotifierProcess::start(&env, &state.path().join("notifier.log"));
+    mailbox.wait_for(&prefix, names.len()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let get = |path: &str| {
+        let url = format!("http://{addr}{path}");
+        async move {
+            let response = http(false).get(url).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get("/readyz").await, (200, "ready\n".to_owned()));
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    // Everything this notifier mailed went to this test's own recipient.
+    let in_mailbox = mailbox.list().await.len() as f64;
+    let mailed =
+        value("keycloak_notifier_events_mailed_total{realm=\"test\",type=\"LOGIN_ERROR\"}");
+    assert!(mailed >= names.len() as f64, "{metrics}");
+    assert_eq!(mailed, in_mailbox, "{metrics}");
+    assert_eq!(
+        value("keycloak_notifier_events_seen_total{realm=\"test\",type=\"LOGIN_ERROR\"}"),
+        mailed
+    );
+    assert_eq!(value("keycloak_notifier_smtp_send_seconds_count"), mailed);
+    assert!(
+        value("keycloak_notifier_polls_total{realm=\"test\",result=\"ok\"}") >= 2.0,
+        "{metrics}"
+    );
+    assert!(value("keycloak_notifier_token_refreshes_total{realm=\"test\"}") >= 1.0);
+    assert!(value("keycloak_notifier_last_successful_poll_age_seconds{realm=\"test\"}") < 5.0);
+    assert!(!metrics.contains("result=\"failed\""), "{metrics}");
+
+    // The healthcheck subcommand asks the same endpoint.
+    let probe = |env: &BTreeMap<String, String>| run("healthcheck", env);
+    let alive = probe(&env);
+    assert!(alive.status.success(), "{}", text(&alive));
+    assert!(notifier.terminate().success());
+    let gone = probe(&env);
+    assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
+}
