@@ -77,50 +77,11 @@ pub async fn run(config: &Config) -> Vec<CheckLine> {
                         config.keycloak.auth_realm
                     )),
                 ));
-                let now = Utc::now().timestamp_millis();
-                lines.push(line(
-                    "events",
-                    keycloak
-                        .events_page(&config.event_types, now, 0, 1)
-                        .await
-                        .map(|_| "readable (role view-events)".to_owned())
-                        .map_err(|err| err.to_string()),
-                ));
-                lines.push(line(
-                    "users",
-                    keycloak
-                        .users_probe()
-                        .await
-                        .map(|()| "readable (role view-users)".to_owned())
-                        .map_err(|err| err.to_string()),
-                ));
-                lines.push(line(
-                    "event settings",
-                    match keycloak.events_config().await {
-                        Err(err) => Err(err.to_string()),
-                        Ok(settings) => {
-                            let since = CursorStore::new(&config.state_dir, &config.keycloak.realm)
-                                .load()
-                                .ok()
-                                .flatten()
-                                .map_or(now, |c| c.since);
-                            let warnings =
-                                event_settings_warnings(&settings, &config.event_types, since, now);
-                            if warnings.is_empty() {
-                                Ok(format!(
-                                    "events saved, including {}; {}",
-                                    config.event_types.join(", "),
-                                    match settings.events_expiration.filter(|s| *s > 0) {
-                                        Some(s) => format!("kept {s} s"),
-                                        None => "kept without expiry".into(),
-                                    }
-                                ))
-                            } else {
-                                Err(warnings.join("; "))
-                            }
-                        }
-                    },
-                ));
+                for realm in &config.keycloak.realms {
+                    let realm_config = config.for_realm(realm);
+                    let mut client = keycloak.for_realm(realm);
+                    lines.extend(realm_checks(&realm_config, &mut client).await);
+                }
             }
         },
     }
@@ -133,6 +94,55 @@ pub async fn run(config: &Config) -> Vec<CheckLine> {
         },
     ));
     lines
+}
+
+/// The checks of one watched realm: its events and users can be read, and
+/// its event settings keep what is watched.
+async fn realm_checks(config: &Config, keycloak: &mut KeycloakClient) -> Vec<CheckLine> {
+    let realm = &config.keycloak.realm;
+    let in_realm = |result: Result<String, String>| match result {
+        Ok(detail) => Ok(format!("realm {realm:?}: {detail}")),
+        Err(detail) => Err(format!("realm {realm:?}: {detail}")),
+    };
+    let now = Utc::now().timestamp_millis();
+    let events = keycloak
+        .events_page(&config.event_types, now, 0, 1)
+        .await
+        .map(|_| "readable (role view-events)".to_owned())
+        .map_err(|err| err.to_string());
+    let users = keycloak
+        .users_probe()
+        .await
+        .map(|()| "readable (role view-users)".to_owned())
+        .map_err(|err| err.to_string());
+    let settings = match keycloak.events_config().await {
+        Err(err) => Err(err.to_string()),
+        Ok(settings) => {
+            let since = CursorStore::new(&config.state_dir, realm)
+                .load()
+                .ok()
+                .flatten()
+                .map_or(now, |c| c.since);
+            let warnings = event_settings_warnings(&settings, &config.event_types, since, now);
+            if warnings.is_empty() {
+                Ok(format!(
+                    "events saved, including {}; {}",
+                    config.event_types.join(", "),
+                    match settings.events_expiration.filter(|s| *s > 0) {
+                        Some(s) => format!("kept {s} s"),
+                        None => "kept without expiry".into(),
+                    }
+                ))
+            } else {
+                Err(warnings.join("; "))
+            }
+        }
+    };
+    vec![
+        line("events", in_realm(events)),
+        line("users", in_realm(users)),
+        line("event settings", in_realm(settings)),
+    ]
 }
 
 /// The state directory exists (or can be made) and takes a file, and the

@@ -74,8 +74,11 @@ pub struct KeycloakConfig {
     /// The server's base URL without a trailing slash, as given (a legacy
     /// `/auth` suffix is kept; the client tries without it if needed).
     pub base_url: Url,
-    /// The realm whose events are watched.
+    /// The realm whose events are watched (the first of `realms`; see
+    /// [`Config::for_realm`]).
     pub realm: String,
+    /// Every watched realm (`KEYCLOAK_REALM`, a comma list).
+    pub realms: Vec<String>,
     /// The realm the credentials belong to.
     pub auth_realm: String,
     pub credentials: Credentials,
@@ -332,6 +335,14 @@ impl Config {
         }
     }
 
+    /// This configuration for one of its watched realms.
+    pub fn for_realm(&self, realm: &str) -> Config {
+        let mut config = self.clone();
+        config.keycloak.realm = realm.to_owned();
+        config.keycloak.realms = vec![realm.to_owned()];
+        config
+    }
+
     /// The configuration as a readable list, secrets redacted.
     pub fn redacted_summary(&self) -> String {
         let auth = match &self.keycloak.credentials {
@@ -351,11 +362,11 @@ impl Config {
             None => "none".into(),
         };
         format!(
-            "keycloak={} realm={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
+            "keycloak={} realms={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
              state_dir={} start_from={:?} page_size={} http={} smtp={}:{} security={:?} \
              smtp_auth={} sender={} recipients={}",
             self.keycloak.base_url,
-            self.keycloak.realm,
+            self.keycloak.realms.join(","),
             self.keycloak.auth_realm,
             auth,
             self.event_types.join(","),
@@ -547,18 +558,43 @@ impl Validator {
                     None
                 }
             });
-        let realm = self
+        let realms = self
             .required("KEYCLOAK_REALM", raw.keycloak_realm.clone())
-            .and_then(|realm| self.realm_name("KEYCLOAK_REALM", realm));
-        let auth_realm = match raw.keycloak_auth_realm.clone() {
-            Some(r) => self.realm_name("KEYCLOAK_AUTH_REALM", r.trim().to_owned()),
-            None => realm.clone(),
+            .and_then(|list| {
+                let mut realms: Vec<String> = Vec::new();
+                let mut ok = true;
+                for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    match self.realm_name("KEYCLOAK_REALM", name.to_owned()) {
+                        Some(name) if !realms.contains(&name) => realms.push(name),
+                        Some(_) => {}
+                        None => ok = false,
+                    }
+                }
+                if ok && realms.is_empty() {
+                    self.problem("KEYCLOAK_REALM", "lists no realm");
+                }
+                (ok && !realms.is_empty()).then_some(realms)
+            });
+        let auth_realm = match (raw.keycloak_auth_realm.clone(), &realms) {
+            (Some(r), _) => self.realm_name("KEYCLOAK_AUTH_REALM", r.trim().to_owned()),
+            (None, Some(realms)) if realms.len() == 1 => Some(realms[0].clone()),
+            (None, Some(_)) => {
+                self.problem(
+                    "KEYCLOAK_AUTH_REALM",
+                    "must be set when KEYCLOAK_REALM lists several realms (usually master, \
+                     with the credentials of a master-realm admin)",
+                );
+                None
+            }
+            (None, None) => None,
         };
+        let realm = realms.as_ref().map(|r| r[0].clone());
         let credentials = self.credentials(raw);
         let extra_roots = self.ca_file("KEYCLOAK_CA_FILE", raw.keycloak_ca_file.as_deref());
         Some(KeycloakConfig {
             base_url: base_url?,
             realm: realm?,
+            realms: realms?,
             auth_realm: auth_realm?,
             credentials: credentials?,
             extra_roots: extra_roots?,
@@ -1181,6 +1217,26 @@ mod tests {
                 ("SMTP_RECEIVER", "a@b.c"),
             ])),
             ["KEYCLOAK_PASSWORD"]
+        );
+    }
+
+    #[test]
+    fn several_realms_need_an_auth_realm() {
+        let config = Config::from_vars(with(&[
+            ("KEYCLOAK_REALM", "acme, beta,acme"),
+            ("KEYCLOAK_AUTH_REALM", "master"),
+        ]))
+        .unwrap();
+        assert_eq!(config.keycloak.realms, ["acme", "beta"]);
+        assert_eq!(config.for_realm("beta").keycloak.realm, "beta");
+        assert_eq!(config.for_realm("beta").keycloak.realms, ["beta"]);
+        assert_eq!(
+            problems(with(&[("KEYCLOAK_REALM", "acme,beta")])),
+            ["KEYCLOAK_AUTH_REALM"]
+        );
+        assert_eq!(
+            problems(with(&[("KEYCLOAK_REALM", " , ")])),
+            ["KEYCLOAK_REALM"]
         );
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use lettre::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::config::Config;
 use crate::cursor::{Cursor, CursorError, CursorStore};
@@ -119,9 +119,17 @@ pub fn open_cursor(config: &Config) -> Result<(CursorStore, Cursor), CursorError
     Ok((store, cursor))
 }
 
-/// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
+/// Runs until `shutdown` is cancelled. Each watched realm polls on its own;
+/// a realm that stops (its state cannot be recorded) does not stop the
+/// others, but the process then ends with that error once they are done.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let (store, cursor) = open_cursor(&config)?;
+    // Every realm's cursor first: an unreadable one stops start-up.
+    let mut realms = Vec::new();
+    for realm in &config.keycloak.realms {
+        let realm_config = config.for_realm(realm);
+        let (store, cursor) = open_cursor(&realm_config)?;
+        realms.push((realm_config, store, cursor));
+    }
     let heartbeat = Heartbeat::new(&config.state_dir);
     tokio::spawn(heartbeat.clone().run(shutdown.clone()));
     let metrics = Arc::new(Metrics::default());
@@ -130,45 +138,97 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tokio::spawn(http::serve(
             listener,
             metrics.clone(),
-            vec![config.keycloak.realm.clone()],
+            config.keycloak.realms.clone(),
             config.poll_interval,
             shutdown.clone(),
         ));
     }
-    let mailer = SmtpMailer::new(&config.smtp)?;
+    let mailer = Arc::new(SmtpMailer::new(&config.smtp)?);
     let mut keycloak = KeycloakClient::new(&config.keycloak)?;
     match keycloak.wait_until_ready(&shutdown).await {
         Err(KeycloakError::Cancelled) => return Ok(()),
         other => other?,
     }
-    check_event_settings(&mut keycloak, &config, &cursor).await;
-    Notifier::new(config, keycloak, mailer, store, cursor)
-        .with_heartbeat(heartbeat)
-        .with_metrics(metrics)
-        .run(&shutdown)
-        .await
+    let mut tasks = tokio::task::JoinSet::new();
+    for (realm_config, store, cursor) in realms {
+        let mut client = keycloak.for_realm(&realm_config.keycloak.realm);
+        let span = tracing::info_span!("realm", realm = %realm_config.keycloak.realm);
+        let (mailer, heartbeat, metrics, shutdown) = (
+            mailer.clone(),
+            heartbeat.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(
+            async move {
+                check_event_settings(&mut client, &realm_config, &cursor).await;
+                Notifier::new(realm_config, client, mailer, store, cursor)
+                    .with_heartbeat(heartbeat)
+                    .with_metrics(metrics)
+                    .run(&shutdown)
+                    .await
+            }
+            .instrument(span),
+        );
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                error!(error = %err, "a realm stopped; the others go on");
+                first_error.get_or_insert(err);
+            }
+            Err(panicked) => error!(error = %panicked, "a realm's task ended"),
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
-/// One poll and exit, for cron and Kubernetes CronJobs: no waiting for
-/// Keycloak and no retrying of mail; the cursor keeps what was accepted.
+/// One poll of every realm and exit, for cron and Kubernetes CronJobs: no
+/// waiting for Keycloak and no retrying of mail; each cursor keeps what was
+/// accepted. A realm that fails does not stop the others; the first error
+/// is returned at the end.
 pub async fn run_once(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<PollSummary, RunError> {
-    let (store, cursor) = open_cursor(&config)?;
-    let mailer = SmtpMailer::new(&config.smtp)?;
+    let mut stores = Vec::new();
+    for realm in &config.keycloak.realms {
+        let realm_config = config.for_realm(realm);
+        let (store, cursor) = open_cursor(&realm_config)?;
+        stores.push((realm_config, store, cursor));
+    }
+    let mailer = Arc::new(SmtpMailer::new(&config.smtp)?);
     let mut keycloak = KeycloakClient::new(&config.keycloak)?;
     keycloak.connect().await?;
-    check_event_settings(&mut keycloak, &config, &cursor).await;
-    let mut notifier =
-        Notifier::new(config, keycloak, mailer, store, cursor).without_mail_retries();
-    match notifier.poll(&shutdown).await {
-        Ok(summary) => Ok(summary),
-        Err(PollError::Keycloak(err)) => Err(err.into()),
-        Err(PollError::Mail(err)) => Err(err.into()),
-        Err(PollError::Cursor(err)) => Err(err.into()),
-        Err(PollError::DeadLetter(err)) => Err(err.into()),
+    let mut total = PollSummary::default();
+    let mut first_error = None;
+    for (realm_config, store, cursor) in stores {
+        let realm = realm_config.keycloak.realm.clone();
+        let mut client = keycloak.for_realm(&realm);
+        check_event_settings(&mut client, &realm_config, &cursor).await;
+        let mut notifier = Notifier::new(realm_config, client, mailer.clone(), store, cursor)
+            .without_mail_retries();
+        match notifier.poll(&shutdown).await {
+            Ok(summary) => {
+                total.fetched += summary.fetched;
+                total.mailed += summary.mailed;
+                total.dead_lettered += summary.dead_lettered;
+                total.pages += summary.pages;
+            }
+            Err(err) => {
+                error!(realm = %realm, error = %err, "poll failed");
+                first_error.get_or_insert(match err {
+                    PollError::Keycloak(err) => RunError::Keycloak(err),
+                    PollError::Mail(err) => RunError::Mail(err),
+                    PollError::Cursor(err) => RunError::Cursor(err),
+                    PollError::DeadLetter(err) => RunError::DeadLetter(err),
+                });
+            }
+        }
     }
+    first_error.map_or(Ok(total), Err)
 }
 
 impl<M: Mailer> Notifier<M> {
@@ -234,8 +294,8 @@ impl<M: Mailer> Notifier<M> {
             let realm = &self.config.keycloak.realm;
             self.metrics
                 .poll(realm, result.is_ok(), Utc::now().timestamp_millis());
-            self.metrics
-                .token_fetches(realm, self.keycloak.tokens_fetched());
+            let (auth_realm, tokens) = self.keycloak.tokens_fetched().await;
+            self.metrics.token_fetches(&auth_realm, tokens);
             if let Some(heartbeat) = &self.heartbeat {
                 match &result {
                     Ok(_) => heartbeat.poll_succeeded(),

@@ -1,10 +1,12 @@
 //! The Keycloak admin REST API: the token, readiness and the events pages.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -98,16 +100,23 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
+/// The login, shared by the clients of every watched realm: with a
+/// master-realm admin, one token serves them all.
+#[derive(Debug)]
+struct Auth {
+    auth_realm: String,
+    credentials: Credentials,
+    token: Option<AccessToken>,
+    tokens_fetched: u64,
+}
+
 /// A client for one Keycloak server and one watched realm.
 #[derive(Debug)]
 pub struct KeycloakClient {
     http: reqwest::Client,
     base: Url,
     realm: String,
-    auth_realm: String,
-    credentials: Credentials,
-    token: Option<AccessToken>,
-    tokens_fetched: u64,
+    auth: Arc<Mutex<Auth>>,
 }
 
 impl KeycloakClient {
@@ -125,11 +134,24 @@ impl KeycloakClient {
             http,
             base: config.base_url.clone(),
             realm: config.realm.clone(),
-            auth_realm: config.auth_realm.clone(),
-            credentials: config.credentials.clone(),
-            token: None,
-            tokens_fetched: 0,
+            auth: Arc::new(Mutex::new(Auth {
+                auth_realm: config.auth_realm.clone(),
+                credentials: config.credentials.clone(),
+                token: None,
+                tokens_fetched: 0,
+            })),
         })
+    }
+
+    /// A client for another realm of the same server, sharing this one's
+    /// connection pool, base URL and login (its token).
+    pub fn for_realm(&self, realm: &str) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            realm: realm.to_owned(),
+            auth: Arc::clone(&self.auth),
+        }
     }
 
     /// The base URL in use (it may have lost or gained a legacy `/auth`).
@@ -204,27 +226,30 @@ impl KeycloakClient {
     }
 
     async fn login(&mut self) -> Result<(), KeycloakError> {
-        self.token = Some(self.request_token().await?);
-        self.tokens_fetched += 1;
+        let mut auth = self.auth.lock().await;
+        auth.token = Some(self.request_token(&auth).await?);
+        auth.tokens_fetched += 1;
         Ok(())
     }
 
-    /// How many access tokens this client has fetched in all.
-    pub fn tokens_fetched(&self) -> u64 {
-        self.tokens_fetched
+    /// How many access tokens the (shared) login has fetched in all, and
+    /// the realm it logs in to.
+    pub async fn tokens_fetched(&self) -> (String, u64) {
+        let auth = self.auth.lock().await;
+        (auth.auth_realm.clone(), auth.tokens_fetched)
     }
 
-    async fn request_token(&self) -> Result<AccessToken, KeycloakError> {
+    async fn request_token(&self, auth: &Auth) -> Result<AccessToken, KeycloakError> {
         let url = self.url(&[
             "realms",
-            &self.auth_realm,
+            &auth.auth_realm,
             "protocol",
             "openid-connect",
             "token",
         ]);
         // Everything goes in the form body, which reqwest URL-encodes, so
         // secrets with `/ = ? + &` arrive intact.
-        let form: Vec<(&str, &str)> = match &self.credentials {
+        let form: Vec<(&str, &str)> = match &auth.credentials {
             Credentials::ClientSecret { client_id, secret } => vec![
                 ("grant_type", "client_credentials"),
                 ("client_id", client_id),
@@ -267,11 +292,11 @@ impl KeycloakClient {
         let body = quoted_body(response).await;
         Err(match status {
             StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => KeycloakError::Rejected {
-                who: match &self.credentials {
+                who: match &auth.credentials {
                     Credentials::ClientSecret { client_id, .. } => format!("client {client_id:?}"),
                     Credentials::Password { username, .. } => format!("user {username:?}"),
                 },
-                realm: self.auth_realm.clone(),
+                realm: auth.auth_realm.clone(),
                 status,
                 body,
             },
@@ -280,17 +305,26 @@ impl KeycloakClient {
     }
 
     /// A valid access token, renewed when it is about to expire.
-    async fn token(&mut self) -> Result<String, KeycloakError> {
-        match &self.token {
-            Some(token) if Instant::now() < token.renew_at => Ok(token.value.clone()),
-            _ => {
-                self.login().await?;
-                Ok(self
-                    .token
-                    .as_ref()
-                    .map(|t| t.value.clone())
-                    .unwrap_or_default())
-            }
+    async fn token(&self) -> Result<String, KeycloakError> {
+        let mut auth = self.auth.lock().await;
+        if let Some(token) = &auth.token
+            && Instant::now() < token.renew_at
+        {
+            return Ok(token.value.clone());
+        }
+        let token = self.request_token(&auth).await?;
+        let value = token.value.clone();
+        auth.token = Some(token);
+        auth.tokens_fetched += 1;
+        Ok(value)
+    }
+
+    /// Forgets the token if it is still `rejected` (another realm's client
+    /// may have renewed it already).
+    async fn drop_token(&self, rejected: &str) {
+        let mut auth = self.auth.lock().await;
+        if auth.token.as_ref().is_some_and(|t| t.value == rejected) {
+            auth.token = None;
         }
     }
 
@@ -352,7 +386,7 @@ impl KeycloakClient {
                 .http
                 .get(url.clone())
                 .query(query)
-                .bearer_auth(token)
+                .bearer_auth(&token)
                 .send()
                 .await
                 .map_err(|err| unreachable_error(url, &err))?;
@@ -367,7 +401,7 @@ impl KeycloakClient {
             if status == StatusCode::UNAUTHORIZED {
                 if !renewed {
                     debug!(%url, "401 from Keycloak; renewing the token once");
-                    self.token = None;
+                    self.drop_token(&token).await;
                     renewed = true;
                     continue;
                 }
@@ -538,6 +572,7 @@ mod tests {
         KeycloakConfig {
             base_url: crate::config::parse_base_url(base).unwrap(),
             realm: "test".into(),
+            realms: vec!["test".into()],
             auth_realm: "test".into(),
             credentials,
             extra_roots: Vec::new(),

@@ -271,6 +271,13 @@ pub trait Mailer {
     fn send(&self, message: Message) -> impl Future<Output = Result<(), MailError>> + Send;
 }
 
+/// One mailer shared by the loops of several realms.
+impl<M: Mailer + Send + Sync> Mailer for std::sync::Arc<M> {
+    fn send(&self, message: Message) -> impl Future<Output = Result<(), MailError>> + Send {
+        self.as_ref().send(message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,9 +36,9 @@ async fn check_passes_on_a_working_setup_and_reports_each_check() {
         "ok    configuration",
         "ok    state directory",
         "ok    keycloak login",
-        "ok    events           readable (role view-events)",
-        "ok    users            readable (role view-users)",
-        "ok    event settings   events saved, including REGISTER, LOGIN_ERROR; kept without expiry",
+        "ok    events           realm \"test\": readable (role view-events)",
+        "ok    users            realm \"test\": readable (role view-users)",
+        "ok    event settings   realm \"test\": events saved, including REGISTER, LOGIN_ERROR; kept without expiry",
         "ok    smtp",
     ] {
         assert!(
@@ -64,7 +64,7 @@ async fn check_fails_naming_what_is_wrong() {
         "{report}"
     );
     assert!(
-        report.contains("FAIL  event settings   the realm does not save these watched event types, so they are never mailed: CLIENT_LOGIN"),
+        report.contains("FAIL  event settings   realm \"test\": the realm does not save these watched event types, so they are never mailed: CLIENT_LOGIN"),
         "{report}"
     );
     assert!(
@@ -287,4 +287,94 @@ async fn the_http_endpoint_reports_health_readiness_and_counts_that_match_the_ma
     assert!(notifier.terminate().success());
     let gone = probe(&env);
     assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_realms_share_one_token_and_a_failing_realm_does_not_stop_the_others() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admin = format!("{}@example.test", unique("realms"));
+    let mailbox = Mailbox::new(&stack, &admin);
+    let prefix = unique("realms");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admin, state.path());
+    env.remove("KEYCLOAK_CLIENT_ID");
+    env.remove("KEYCLOAK_CLIENT_SECRET");
+    // The stack's master-realm admin (test only), for every realm at once;
+    // "ghost" does not exist.
+    env.insert("KEYCLOAK_REALM".into(), "test,test2,ghost".into());
+    env.insert("KEYCLOAK_AUTH_REALM".into(), "master".into());
+    env.insert(
+        "KEYCLOAK_USERNAME".into(),
+        std::env::var("KN_KEYCLOAK_ADMIN_USERNAME").unwrap(),
+    );
+    env.insert(
+        "KEYCLOAK_PASSWORD".into(),
+        std::env::var("KN_KEYCLOAK_ADMIN_PASSWORD").unwrap(),
+    );
+    env.insert("NOTIFIER_HTTP_ADDR".into(), addr.clone());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    failed_login_in(&stack, "test", &format!("{prefix}-one")).await;
+    failed_login_in(&stack, "test2", &format!("{prefix}-two")).await;
+
+    let notifier = NotifierProcess::start(&env, &state.path().join("notifier.log"));
+    let mut subjects: Vec<String> = mailbox
+        .wait_for(&prefix, 2)
+        .await
+        .into_iter()
+        .map(|m| m.subject)
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            format!("[Keycloak test2] LOGIN_ERROR: {prefix}-two"),
+            format!("[Keycloak test] LOGIN_ERROR: {prefix}-one"),
+        ]
+    );
+
+    let metrics = http(false)
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |line: &str| metrics.lines().any(|l| l.starts_with(line));
+    assert!(
+        has("keycloak_notifier_token_refreshes_total{realm=\"master\"} 1"),
+        "one token for all realms:\n{metrics}"
+    );
+    assert!(
+        has("keycloak_notifier_polls_total{realm=\"test\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        has("keycloak_notifier_polls_total{realm=\"test2\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        has("keycloak_notifier_polls_total{realm=\"ghost\",result=\"failed\"}"),
+        "{metrics}"
+    );
+    let ready = http(false)
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while a realm fails");
+
+    for realm in ["test", "test2", "ghost"] {
+        assert!(
+            state.path().join(format!("cursor-{realm}.json")).exists(),
+            "no cursor for {realm}"
+        );
+    }
+    let log = notifier.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("realm{realm=ghost}") && l.contains("poll failed")),
+        "the failing realm's lines should name it:\n{log}"
+    );
 }

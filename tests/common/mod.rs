@@ -122,9 +122,14 @@ pub async fn json(request: reqwest::RequestBuilder) -> Value {
 /// A failed password grant for a user that does not exist: Keycloak stores
 /// a LOGIN_ERROR event whose details name `username`.
 pub async fn failed_login(stack: &Stack, username: &str) {
+    failed_login_in(stack, REALM, username).await;
+}
+
+/// [`failed_login`] in another realm (one with the public client `web`).
+pub async fn failed_login_in(stack: &Stack, realm: &str, username: &str) {
     let response = http(false)
         .post(format!(
-            "{}/realms/{REALM}/protocol/openid-connect/token",
+            "{}/realms/{realm}/protocol/openid-connect/token",
             stack.keycloak_url
         ))
         .form(&[
