@@ -15,24 +15,6 @@ use common::*;
 /// may have grown to the 60 s cap (plus jitter) during the outage.
 const RECOVERY: Duration = Duration::from_secs(150);
 
-/// `count` failed logins named `{prefix}-NNN`, eight at a time.
-async fn failed_logins(stack: &Stack, prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
-    let names: Vec<String> = range.map(|i| format!("{prefix}-{i:03}")).collect();
-    for chunk in names.chunks(8) {
-        let logins: Vec<_> = chunk
-            .iter()
-            .map(|name| {
-                let (stack, name) = (stack.clone(), name.clone());
-                tokio::spawn(async move { failed_login(&stack, &name).await })
-            })
-            .collect();
-        for login in logins {
-            login.await.unwrap();
-        }
-    }
-    names
-}
-
 fn env_for(
     stack: &Stack,
     mailpit: &MailpitProcess,

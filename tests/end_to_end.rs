@@ -69,19 +69,7 @@ async fn more_than_a_page_of_pending_events_is_each_mailed_exactly_once() {
 
     // Failed logins while no notifier runs; several at once, so that some
     // share a millisecond.
-    let names: Vec<String> = (0..EVENTS).map(|i| format!("{prefix}-{i:03}")).collect();
-    for chunk in names.chunks(8) {
-        let logins: Vec<_> = chunk
-            .iter()
-            .map(|name| {
-                let (stack, name) = (stack.clone(), name.clone());
-                tokio::spawn(async move { failed_login(&stack, &name).await })
-            })
-            .collect();
-        for login in logins {
-            login.await.unwrap();
-        }
-    }
+    let names = failed_logins(&stack, &prefix, 0..EVENTS).await;
 
     let mut env = stack.notifier_env("LOGIN_ERROR", &admin, state.path());
     env.insert("NOTIFIER_START_FROM".into(), start_from);
@@ -237,16 +225,4 @@ fn healthcheck(state_dir: &std::path::Path) -> (bool, String) {
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
-}
-
-fn wait_for_file(path: &std::path::Path) {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

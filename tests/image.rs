@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -103,18 +103,6 @@ fn state_dir_for_uid_65534() -> tempfile::TempDir {
     dir
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_scratch_image_mails_a_registration_keeps_its_cursor_on_the_volume_and_resends_nothing()
 {
@@ -130,7 +118,7 @@ async fn the_scratch_image_mails_a_registration_keeps_its_cursor_on_the_volume_a
 
     let first = Container::start(&image, data.path(), &env);
     let cursor = data.path().join("cursor-test.json");
-    wait_for(&cursor);
+    wait_for_file(&cursor);
     let alice = unique("imguser");
     let alice_id = register_user(&stack, &alice, &format!("{alice}@example.test")).await;
     let mails = mailbox.wait_for(&alice, 1).await;
@@ -225,7 +213,7 @@ async fn the_static_binary_needs_nothing_from_the_system() {
         .stderr(std::fs::File::create(root.path().join("notifier.err")).unwrap())
         .spawn()
         .unwrap();
-    wait_for(&root.path().join("data/cursor-test.json"));
+    wait_for_file(&root.path().join("data/cursor-test.json"));
     let name = unique("chrooted");
     failed_login(&stack, &name).await;
     let found = tokio::time::timeout(WAIT, mailbox.wait_for(&name, 1)).await;

@@ -159,15 +159,3 @@ async fn with_60_second_tokens_no_poll_fails_over_three_lifespans() {
     assert!(!log.contains("poll failed"), "{log}");
     assert!(!log.contains("401 from Keycloak"), "{log}");
 }
-
-fn wait_for_file(path: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}

@@ -125,6 +125,42 @@ pub async fn failed_login(stack: &Stack, username: &str) {
     failed_login_in(stack, REALM, username).await;
 }
 
+/// Failed logins named `{prefix}-NNN` for each number in `range`, eight at a
+/// time (so that some share a millisecond); returns the names.
+pub async fn failed_logins(
+    stack: &Stack,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) -> Vec<String> {
+    let names: Vec<String> = range.map(|i| format!("{prefix}-{i:03}")).collect();
+    for chunk in names.chunks(8) {
+        let logins: Vec<_> = chunk
+            .iter()
+            .map(|name| {
+                let (stack, name) = (stack.clone(), name.clone());
+                tokio::spawn(async move { failed_login(&stack, &name).await })
+            })
+            .collect();
+        for login in logins {
+            login.await.unwrap();
+        }
+    }
+    names
+}
+
+/// Waits until `path` exists (the notifier saves its first cursor at once).
+pub fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// [`failed_login`] in another realm (one with the public client `web`).
 pub async fn failed_login_in(stack: &Stack, realm: &str, username: &str) {
     let response = http(false)
