@@ -163,6 +163,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_TIME_ZONE`: mails show times in this zone, UTC beside them.
+    pub time_zone: chrono_tz::Tz,
     /// `NOTIFIER_HTTP_ADDR`: where /healthz, /readyz and /metrics are served.
     pub http_addr: Option<std::net::SocketAddr>,
     pub log_format: LogFormat,
@@ -240,6 +242,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_LOG_FORMAT",
     "NOTIFIER_LOG_LEVEL",
     "NOTIFIER_HTTP_ADDR",
+    "NOTIFIER_TIME_ZONE",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -272,6 +275,7 @@ struct RawEnv {
     notifier_log_format: Option<String>,
     notifier_log_level: Option<String>,
     notifier_http_addr: Option<String>,
+    notifier_time_zone: Option<String>,
 }
 
 impl Config {
@@ -363,7 +367,7 @@ impl Config {
         };
         format!(
             "keycloak={} realms={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
-             state_dir={} start_from={:?} page_size={} http={} smtp={}:{} security={:?} \
+             state_dir={} start_from={:?} page_size={} time_zone={} http={} smtp={}:{} security={:?} \
              smtp_auth={} sender={} recipients={}",
             self.keycloak.base_url,
             self.keycloak.realms.join(","),
@@ -374,6 +378,7 @@ impl Config {
             self.state_dir.display(),
             self.start_from,
             self.page_size,
+            self.time_zone,
             self.http_addr
                 .map_or_else(|| "off".to_owned(), |a| a.to_string()),
             self.smtp.host,
@@ -439,6 +444,19 @@ impl Validator {
         );
         let start_from = self.start_from(raw.notifier_start_from.as_deref());
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
+        let time_zone = match raw.notifier_time_zone.as_deref().map(str::trim) {
+            None => Some(chrono_tz::Tz::UTC),
+            Some(zone) => match zone.parse::<chrono_tz::Tz>() {
+                Ok(zone) => Some(zone),
+                Err(_) => {
+                    self.problem(
+                        "NOTIFIER_TIME_ZONE",
+                        format!("{zone:?} is not an IANA time zone such as Europe/Berlin or UTC"),
+                    );
+                    None
+                }
+            },
+        };
         let http_addr = match raw.notifier_http_addr.as_deref().map(str::trim) {
             None => Some(None),
             Some(addr) => match addr.parse::<std::net::SocketAddr>() {
@@ -482,6 +500,7 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            time_zone: time_zone?,
             http_addr: http_addr?,
             log_format: log_format?,
             log_level: log_level?,
@@ -1282,6 +1301,20 @@ mod tests {
                 ),
                 ("SMTP_RECIEVER".to_owned(), Some("SMTP_RECEIVER")),
             ]
+        );
+    }
+
+    #[test]
+    fn the_time_zone_is_an_iana_name() {
+        let config = Config::from_vars(with(&[("NOTIFIER_TIME_ZONE", "Europe/Berlin")])).unwrap();
+        assert_eq!(config.time_zone, chrono_tz::Europe::Berlin);
+        assert_eq!(
+            Config::from_vars(vars(MINIMAL)).unwrap().time_zone,
+            chrono_tz::UTC
+        );
+        assert_eq!(
+            problems(with(&[("NOTIFIER_TIME_ZONE", "CEST+2")])),
+            ["NOTIFIER_TIME_ZONE"]
         );
     }
 

@@ -15,7 +15,7 @@ use crate::deadletter::{DeadLetterError, DeadLetters};
 use crate::event::Event;
 use crate::health::Heartbeat;
 use crate::http::{self, BindError};
-use crate::keycloak::{KeycloakClient, KeycloakError};
+use crate::keycloak::{KeycloakClient, KeycloakError, UserInfo};
 use crate::mail::{self, MailError, Mailer};
 use crate::metrics::Metrics;
 use crate::poller::{is_last_page, next_offset, select_new};
@@ -84,6 +84,8 @@ pub struct Notifier<M> {
     dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
     metrics: Arc<Metrics>,
+    /// Cleared when Keycloak refuses user look-ups (no `view-users`).
+    look_up_users: bool,
     /// Retry a transient SMTP failure until it works (the daemon), or give
     /// up the poll at once (`once`, whose caller reports the failure).
     retry_mail: bool,
@@ -249,6 +251,7 @@ impl<M: Mailer> Notifier<M> {
             dead_letters,
             heartbeat: None,
             metrics: Arc::default(),
+            look_up_users: true,
             retry_mail: true,
         }
     }
@@ -366,10 +369,15 @@ impl<M: Mailer> Notifier<M> {
                 }
                 self.metrics
                     .event_seen(&self.config.keycloak.realm, &event.kind, event.time);
-                let rendered = mail::render(
+                let user = self.look_up_user(&event).await;
+                let rendered = mail::render_with(
                     &event,
-                    &self.config.keycloak.realm,
-                    self.config.smtp.sender.email.domain(),
+                    &mail::Context {
+                        realm: &self.config.keycloak.realm,
+                        domain: self.config.smtp.sender.email.domain(),
+                        time_zone: self.config.time_zone,
+                        user: user.as_ref(),
+                    },
                 );
                 let message = mail::build_message(rendered, &self.config.smtp)?;
                 match self.deliver(&event, message, shutdown).await? {
@@ -384,6 +392,32 @@ impl<M: Mailer> Notifier<M> {
                 return Ok(summary);
             }
             first = next_offset(first, max);
+        }
+    }
+
+    /// The event's user as Keycloak knows them now, for the mail. Never
+    /// holds a mail back: a user deleted since, a missing `view-users` role
+    /// or an error costs only the details (and one warning).
+    async fn look_up_user(&mut self, event: &Event) -> Option<UserInfo> {
+        let id = event.user_id.as_deref()?;
+        if !self.look_up_users {
+            return None;
+        }
+        match self.keycloak.user(id).await {
+            Ok(Some(user)) => Some(user),
+            Ok(None) => {
+                warn!(user_id = %id, "the event's user no longer exists; mailing the event without user details");
+                None
+            }
+            Err(err @ KeycloakError::Forbidden { .. }) => {
+                warn!(error = %err, "cannot look users up; mails go out without the user's details from now on");
+                self.look_up_users = false;
+                None
+            }
+            Err(err) => {
+                warn!(user_id = %id, error = %err, "cannot look the user up; mailing the event without user details");
+                None
+            }
         }
     }
 
@@ -559,6 +593,7 @@ mod tests {
     #[derive(Clone, Default)]
     struct Recorder {
         subjects: Arc<Mutex<Vec<String>>>,
+        raw: Arc<Mutex<Vec<String>>>,
         script: Arc<Mutex<VecDeque<Option<MailError>>>>,
         /// Cancelled at the first failure, to end a test's retry loop.
         stop_on_failure: Option<CancellationToken>,
@@ -578,6 +613,7 @@ mod tests {
                 .find_map(|l| l.strip_prefix("Subject: "))
                 .unwrap();
             self.subjects.lock().unwrap().push(subject.to_owned());
+            self.raw.lock().unwrap().push(raw.clone());
             Ok(())
         }
     }
@@ -783,6 +819,73 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(saved.time, 30);
+    }
+
+    #[tokio::test]
+    async fn mails_carry_the_user_from_keycloak_and_a_missing_one_costs_only_the_details() {
+        let events = vec![
+            json!({"id": "e1", "time": 10, "type": "LOGIN_ERROR", "userId": "u-1", "details": {"username": "alice"}}),
+            json!({"id": "e2", "time": 20, "type": "LOGIN_ERROR", "userId": "u-gone", "details": {"username": "bob"}}),
+        ];
+        let server = keycloak_with(events).await;
+        Mock::given(method("GET"))
+            .and(path("/admin/realms/test/users/u-1"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "id": "u-1", "username": "alice", "firstName": "Alice", "lastName": "Liddell",
+                "email": "alice@example.test", "enabled": true, "createdTimestamp": 5
+            })))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/admin/realms/test/users/u-gone"))
+            .respond_with(
+                ResponseTemplate::new(404).set_body_json(json!({"error": "User not found"})),
+            )
+            .mount(&server)
+            .await;
+        let state = tempfile::tempdir().unwrap();
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
+        assert_eq!(
+            notifier
+                .poll(&CancellationToken::new())
+                .await
+                .unwrap()
+                .mailed,
+            2
+        );
+        let raw = mailer.raw.lock().unwrap();
+        assert!(raw[0].contains("Name:       Alice Liddell"), "{}", raw[0]);
+        assert!(!raw[1].contains("The user in Keycloak now"), "{}", raw[1]);
+    }
+
+    #[tokio::test]
+    async fn without_view_users_mails_go_out_without_user_details() {
+        let events = vec![
+            json!({"id": "e1", "time": 10, "type": "LOGIN_ERROR", "userId": "u-1"}),
+            json!({"id": "e2", "time": 20, "type": "LOGIN_ERROR", "userId": "u-2"}),
+        ];
+        let server = keycloak_with(events).await;
+        Mock::given(method("GET"))
+            .and(wiremock::matchers::path_regex(
+                "^/admin/realms/test/users/.*",
+            ))
+            .respond_with(ResponseTemplate::new(403))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let state = tempfile::tempdir().unwrap();
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
+        assert_eq!(
+            notifier
+                .poll(&CancellationToken::new())
+                .await
+                .unwrap()
+                .mailed,
+            2
+        );
+        // One refused look-up, then no more tries (the mock expects one).
     }
 
     #[tokio::test]

@@ -352,6 +352,17 @@ impl KeycloakClient {
         })
     }
 
+    /// The user with this id as Keycloak holds it now; `None` if it no
+    /// longer exists (deleted since the event).
+    pub async fn user(&mut self, id: &str) -> Result<Option<UserInfo>, KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, "users", id]);
+        match self.get_json(&url, &[], "view-users").await {
+            Ok(body) => Ok(Some(UserInfo::from_json(&body))),
+            Err(KeycloakError::NotFound { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Proves the `view-users` role: asks for one user of the realm.
     pub async fn users_probe(&mut self) -> Result<(), KeycloakError> {
         let url = self.url(&["admin", "realms", &self.realm, "users"]);
@@ -420,6 +431,53 @@ impl KeycloakClient {
             path.pop_if_empty().extend(segments);
         }
         url
+    }
+}
+
+/// The parts of a `UserRepresentation` a mail shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserInfo {
+    pub username: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    /// Epoch ms (`createdTimestamp`).
+    pub created: Option<i64>,
+    pub enabled: Option<bool>,
+    pub attributes: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl UserInfo {
+    /// Reads a user leniently: any field may be missing or odd.
+    pub fn from_json(value: &serde_json::Value) -> Self {
+        let text = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+        let attributes = value
+            .get("attributes")
+            .and_then(|a| a.as_object())
+            .map(|map| {
+                map.iter()
+                    .map(|(key, values)| {
+                        let values = match values {
+                            serde_json::Value::Array(items) => items
+                                .iter()
+                                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                                .collect(),
+                            other => vec![other.to_string()],
+                        };
+                        (key.clone(), values)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            username: text("username"),
+            first_name: text("firstName"),
+            last_name: text("lastName"),
+            email: text("email"),
+            created: value.get("createdTimestamp").and_then(|v| v.as_i64()),
+            enabled: value.get("enabled").and_then(|v| v.as_bool()),
+            attributes,
+        }
     }
 }
 

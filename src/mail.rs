@@ -14,6 +14,8 @@ use std::future::Future;
 
 use crate::config::SmtpConfig;
 use crate::event::Event;
+use crate::keycloak::UserInfo;
+use chrono_tz::Tz;
 /// Subjects are cut to this many characters.
 const MAX_SUBJECT_CHARS: usize = 200;
 /// Each value in the body is cut to this many characters.
@@ -33,9 +35,48 @@ pub struct Rendered {
     pub message_id: String,
 }
 
-/// Renders the mail for `event` of `realm`. `domain` goes into the
-/// Message-ID (the sender's domain).
+/// What a mail shows besides the event itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub realm: &'a str,
+    /// The sender's domain, for the Message-ID.
+    pub domain: &'a str,
+    /// Times are shown in this zone, with UTC beside them.
+    pub time_zone: Tz,
+    /// The user as Keycloak knows them now, when the event names one.
+    pub user: Option<&'a UserInfo>,
+}
+
+/// Renders the mail for `event` of `realm`, times in UTC, without user
+/// details. `domain` goes into the Message-ID (the sender's domain).
 pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
+    render_with(
+        event,
+        &Context {
+            realm,
+            domain,
+            time_zone: Tz::UTC,
+            user: None,
+        },
+    )
+}
+
+/// A time as the mail shows it: in `zone` with UTC beside it, or UTC alone.
+fn show_time(ms: i64, zone: Tz) -> String {
+    let Some(utc) = DateTime::from_timestamp_millis(ms) else {
+        return format!("{ms} ms after the epoch (out of range)");
+    };
+    let utc_text = utc.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    if zone == Tz::UTC {
+        return utc_text;
+    }
+    let local = utc.with_timezone(&zone);
+    format!("{} ({utc_text} UTC)", local.format("%Y-%m-%d %H:%M:%S %Z"))
+}
+
+/// Renders the mail for `event` in `context`.
+pub fn render_with(event: &Event, context: &Context<'_>) -> Rendered {
+    let (realm, domain) = (context.realm, context.domain);
     let who = match (event.username(), event.email()) {
         (Some(user), Some(email)) if user != email => format!("{user} ({email})"),
         (Some(user), _) => user.to_owned(),
@@ -49,9 +90,12 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
     };
     let subject = header_text(&subject, MAX_SUBJECT_CHARS);
 
-    let time = DateTime::from_timestamp_millis(event.time)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| format!("{} ms after the epoch (out of range)", event.time));
+    let time = show_time(event.time, context.time_zone);
+    let time_label = if context.time_zone == Tz::UTC {
+        "Time (UTC)"
+    } else {
+        "Time"
+    };
     let mut body = String::new();
     let _ = writeln!(
         body,
@@ -60,7 +104,7 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
         body_text(realm)
     );
     let rows: [(&str, Option<&str>); 11] = [
-        ("Time (UTC)", Some(&time)),
+        (time_label, Some(&time)),
         ("Realm", Some(realm)),
         ("Event type", Some(&event.kind)),
         ("Username", event.username()),
@@ -90,6 +134,9 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
             event.details.len() - MAX_DETAILS
         );
     }
+    if let Some(user) = context.user {
+        write_user(&mut body, user, context.time_zone);
+    }
     let _ = write!(
         body,
         "\n-- \nkeycloak-notifier {} watching realm {}\n",
@@ -106,6 +153,41 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
             id_safe(&event.dedupe_key()),
             domain_safe(domain)
         ),
+    }
+}
+
+/// The user's record as Keycloak holds it now (it may have changed since
+/// the event).
+fn write_user(body: &mut String, user: &UserInfo, zone: Tz) {
+    body.push_str("\nThe user in Keycloak now:\n");
+    let name = [user.first_name.as_deref(), user.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let created = user.created.map(|ms| show_time(ms, zone));
+    let enabled = user.enabled.map(|e| if e { "yes" } else { "no" });
+    let rows: [(&str, Option<&str>); 5] = [
+        ("Name", (!name.is_empty()).then_some(name.as_str())),
+        ("Username", user.username.as_deref()),
+        ("Email", user.email.as_deref()),
+        ("Created", created.as_deref()),
+        ("Enabled", enabled),
+    ];
+    for (label, value) in rows {
+        let value = value.map_or_else(|| ABSENT.to_owned(), body_text);
+        let _ = writeln!(body, "  {:<12}{value}", format!("{label}:"));
+    }
+    for (key, values) in user.attributes.iter().take(MAX_DETAILS) {
+        let values: Vec<String> = values.iter().map(|v| body_text(v)).collect();
+        let _ = writeln!(body, "  {} = {}", body_text(key), values.join(", "));
+    }
+    if user.attributes.len() > MAX_DETAILS {
+        let _ = writeln!(
+            body,
+            "  … and {} more attributes not shown",
+            user.attributes.len() - MAX_DETAILS
+        );
     }
 }
 
@@ -371,6 +453,65 @@ mod tests {
         );
         let raw = String::from_utf8(build_message(mail, &smtp()).unwrap().formatted()).unwrap();
         assert!(!raw.lines().any(|l| l.starts_with("Bcc:")), "{raw}");
+    }
+
+    #[test]
+    fn times_show_in_the_configured_zone_with_utc_beside_them() {
+        let event = register_event("e", 1_764_763_200_123);
+        let mail = render_with(
+            &event,
+            &Context {
+                realm: "test",
+                domain: "example.com",
+                time_zone: "Europe/Berlin".parse().unwrap(),
+                user: None,
+            },
+        );
+        assert!(
+            mail.body
+                .contains("Time:       2025-12-03 13:00:00 CET (2025-12-03T12:00:00.123Z UTC)"),
+            "{}",
+            mail.body
+        );
+    }
+
+    #[test]
+    fn the_user_as_keycloak_knows_them_is_added_escaped() {
+        let user = UserInfo {
+            username: Some("alice".into()),
+            first_name: Some("<b>Alice</b>".into()),
+            last_name: Some("Liddell\r\nBcc: x@example.com".into()),
+            email: Some("alice@example.test".into()),
+            created: Some(1_764_763_200_000),
+            enabled: Some(true),
+            attributes: [(
+                "department".to_owned(),
+                vec!["R&D".to_owned(), "Ops".to_owned()],
+            )]
+            .into(),
+        };
+        let mail = render_with(
+            &register_event("e", 1),
+            &Context {
+                realm: "test",
+                domain: "example.com",
+                time_zone: Tz::UTC,
+                user: Some(&user),
+            },
+        );
+        for line in [
+            "The user in Keycloak now:",
+            "  Name:       <b>Alice</b> Liddell\\r\\nBcc: x@example.com",
+            "  Created:    2025-12-03T12:00:00.000Z",
+            "  Enabled:    yes",
+            "  department = R&D, Ops",
+        ] {
+            assert!(
+                mail.body.contains(line),
+                "missing {line:?} in\n{}",
+                mail.body
+            );
+        }
     }
 
     #[test]
