@@ -163,6 +163,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_TEMPLATE_DIR`: mail templates that replace the built-in ones.
+    pub template_dir: Option<PathBuf>,
     /// `NOTIFIER_TIME_ZONE`: mails show times in this zone, UTC beside them.
     pub time_zone: chrono_tz::Tz,
     /// `NOTIFIER_HTTP_ADDR`: where /healthz, /readyz and /metrics are served.
@@ -243,6 +245,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_LOG_LEVEL",
     "NOTIFIER_HTTP_ADDR",
     "NOTIFIER_TIME_ZONE",
+    "NOTIFIER_TEMPLATE_DIR",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -276,6 +279,7 @@ struct RawEnv {
     notifier_log_level: Option<String>,
     notifier_http_addr: Option<String>,
     notifier_time_zone: Option<String>,
+    notifier_template_dir: Option<String>,
 }
 
 impl Config {
@@ -500,6 +504,10 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            template_dir: raw
+                .notifier_template_dir
+                .as_deref()
+                .map(|dir| PathBuf::from(dir.trim())),
             time_zone: time_zone?,
             http_addr: http_addr?,
             log_format: log_format?,

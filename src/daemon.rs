@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::poller::{is_last_page, next_offset, select_new};
 use crate::retry;
 use crate::smtp::SmtpMailer;
+use crate::templates::Templates;
 
 /// After SIGTERM, the mail in flight may take this much longer; the process
 /// still ends within Docker's and Kubernetes' default 10 s grace.
@@ -84,6 +85,8 @@ pub struct Notifier<M> {
     dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
     metrics: Arc<Metrics>,
+    /// `None`: the built-in templates.
+    templates: Option<Arc<Templates>>,
     /// Cleared when Keycloak refuses user look-ups (no `view-users`).
     look_up_users: bool,
     /// Retry a transient SMTP failure until it works (the daemon), or give
@@ -124,7 +127,11 @@ pub fn open_cursor(config: &Config) -> Result<(CursorStore, Cursor), CursorError
 /// Runs until `shutdown` is cancelled. Each watched realm polls on its own;
 /// a realm that stops (its state cannot be recorded) does not stop the
 /// others, but the process then ends with that error once they are done.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    templates: Arc<Templates>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     // Every realm's cursor first: an unreadable one stops start-up.
     let mut realms = Vec::new();
     for realm in &config.keycloak.realms {
@@ -155,10 +162,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     for (realm_config, store, cursor) in realms {
         let mut client = keycloak.for_realm(&realm_config.keycloak.realm);
         let span = tracing::info_span!("realm", realm = %realm_config.keycloak.realm);
-        let (mailer, heartbeat, metrics, shutdown) = (
+        let (mailer, heartbeat, metrics, templates, shutdown) = (
             mailer.clone(),
             heartbeat.clone(),
             metrics.clone(),
+            templates.clone(),
             shutdown.clone(),
         );
         tasks.spawn(
@@ -167,6 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 Notifier::new(realm_config, client, mailer, store, cursor)
                     .with_heartbeat(heartbeat)
                     .with_metrics(metrics)
+                    .with_templates(templates)
                     .run(&shutdown)
                     .await
             }
@@ -193,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 /// is returned at the end.
 pub async fn run_once(
     config: Config,
+    templates: Arc<Templates>,
     shutdown: CancellationToken,
 ) -> Result<PollSummary, RunError> {
     let mut stores = Vec::new();
@@ -211,6 +221,7 @@ pub async fn run_once(
         let mut client = keycloak.for_realm(&realm);
         check_event_settings(&mut client, &realm_config, &cursor).await;
         let mut notifier = Notifier::new(realm_config, client, mailer.clone(), store, cursor)
+            .with_templates(templates.clone())
             .without_mail_retries();
         match notifier.poll(&shutdown).await {
             Ok(summary) => {
@@ -251,9 +262,16 @@ impl<M: Mailer> Notifier<M> {
             dead_letters,
             heartbeat: None,
             metrics: Arc::default(),
+            templates: None,
             look_up_users: true,
             retry_mail: true,
         }
+    }
+
+    /// Renders mails with `templates` instead of the built-in ones.
+    pub fn with_templates(mut self, templates: Arc<Templates>) -> Self {
+        self.templates = Some(templates);
+        self
     }
 
     /// Records what it does in `metrics` (served on /metrics).
@@ -377,6 +395,8 @@ impl<M: Mailer> Notifier<M> {
                         domain: self.config.smtp.sender.email.domain(),
                         time_zone: self.config.time_zone,
                         user: user.as_ref(),
+                        console: Some(self.keycloak.base_url().as_str()),
+                        templates: self.templates.as_deref(),
                     },
                 );
                 let message = mail::build_message(rendered, &self.config.smtp)?;

@@ -20,4 +20,5 @@ pub mod poller;
 pub mod retry;
 pub mod smtp;
 pub mod telemetry;
+pub mod templates;
 pub mod tls;

@@ -8,6 +8,7 @@
 
 use chrono::DateTime;
 use lettre::Message;
+use lettre::message::MultiPart;
 use lettre::message::header::ContentType;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -15,9 +16,10 @@ use std::future::Future;
 use crate::config::SmtpConfig;
 use crate::event::Event;
 use crate::keycloak::UserInfo;
+use crate::templates::{Detail, EventView, MailView, Parts, Row, Templates, UserView};
 use chrono_tz::Tz;
 /// Subjects are cut to this many characters.
-const MAX_SUBJECT_CHARS: usize = 200;
+pub const MAX_SUBJECT_CHARS: usize = 200;
 /// Each value in the body is cut to this many characters.
 const MAX_VALUE_CHARS: usize = 2_000;
 /// At most this many detail entries are listed; the rest are counted.
@@ -29,7 +31,10 @@ const ABSENT: &str = "-";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
     pub subject: String,
+    /// The text part.
     pub body: String,
+    /// The HTML part.
+    pub html: String,
     /// Derived from the realm and the event key only, so a re-sent mail has
     /// the same Message-ID and receivers can drop the duplicate.
     pub message_id: String,
@@ -45,6 +50,10 @@ pub struct Context<'a> {
     pub time_zone: Tz,
     /// The user as Keycloak knows them now, when the event names one.
     pub user: Option<&'a UserInfo>,
+    /// Keycloak's base URL, for a link to the user in the admin console.
+    pub console: Option<&'a str>,
+    /// The templates to use (the built-in ones when `None`).
+    pub templates: Option<&'a Templates>,
 }
 
 /// Renders the mail for `event` of `realm`, times in UTC, without user
@@ -57,6 +66,8 @@ pub fn render(event: &Event, realm: &str, domain: &str) -> Rendered {
             domain,
             time_zone: Tz::UTC,
             user: None,
+            console: None,
+            templates: None,
         },
     )
 }
@@ -74,39 +85,69 @@ fn show_time(ms: i64, zone: Tz) -> String {
     format!("{} ({utc_text} UTC)", local.format("%Y-%m-%d %H:%M:%S %Z"))
 }
 
-/// Renders the mail for `event` in `context`.
+/// Renders the mail for `event` in `context`. A template that fails on
+/// this event (an override, say) falls back to the built-in ones: a mail is
+/// never lost to a template.
 pub fn render_with(event: &Event, context: &Context<'_>) -> Rendered {
-    let (realm, domain) = (context.realm, context.domain);
+    let view = view(event, context);
+    let templates = context.templates.unwrap_or(&BUILTIN);
+    let parts = templates.render(&event.kind, &view).or_else(|err| {
+        tracing::error!(error = %err, "a mail template failed; using the built-in one");
+        BUILTIN.render(&event.kind, &view)
+    });
+    let parts = parts.unwrap_or_else(|err| Parts {
+        subject: header_text(
+            &format!("[Keycloak {}] {}", context.realm, event.kind),
+            MAX_SUBJECT_CHARS,
+        ),
+        text: format!(
+            "Keycloak event {} in realm {} (the mail template failed: {err}).\n",
+            body_text(&event.kind),
+            body_text(context.realm)
+        ),
+        html: String::new(),
+    });
+    let mut body = parts.text;
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    Rendered {
+        subject: parts.subject,
+        body,
+        html: parts.html,
+        message_id: format!(
+            "<kn.{}.{}@{}>",
+            id_safe(context.realm),
+            id_safe(&event.dedupe_key()),
+            domain_safe(context.domain)
+        ),
+    }
+}
+
+/// The built-in templates, for callers that pass none.
+static BUILTIN: std::sync::LazyLock<Templates> = std::sync::LazyLock::new(Templates::builtin);
+
+/// What the templates see of `event`: every value escaped for text (HTML
+/// escaping is the HTML templates' own, automatic).
+fn view(event: &Event, context: &Context<'_>) -> MailView {
+    let realm = context.realm;
     let who = match (event.username(), event.email()) {
         (Some(user), Some(email)) if user != email => format!("{user} ({email})"),
         (Some(user), _) => user.to_owned(),
         (None, Some(email)) => email.to_owned(),
         (None, None) => event.user_id.clone().unwrap_or_default(),
     };
-    let subject = if who.is_empty() {
-        format!("[Keycloak {realm}] {}", event.kind)
-    } else {
-        format!("[Keycloak {realm}] {}: {who}", event.kind)
-    };
-    let subject = header_text(&subject, MAX_SUBJECT_CHARS);
-
     let time = show_time(event.time, context.time_zone);
     let time_label = if context.time_zone == Tz::UTC {
         "Time (UTC)"
     } else {
         "Time"
     };
-    let mut body = String::new();
-    let _ = writeln!(
-        body,
-        "Keycloak event {} in realm {}.\n",
-        body_text(&event.kind),
-        body_text(realm)
-    );
-    let rows: [(&str, Option<&str>); 11] = [
-        (time_label, Some(&time)),
+    let text = |value: Option<&str>| value.map(body_text);
+    let rows: Vec<Row> = [
+        (time_label, Some(time.as_str())),
         ("Realm", Some(realm)),
-        ("Event type", Some(&event.kind)),
+        ("Event type", Some(event.kind.as_str())),
         ("Username", event.username()),
         ("Email", event.email()),
         ("User ID", event.user_id.as_deref()),
@@ -115,51 +156,63 @@ pub fn render_with(event: &Event, context: &Context<'_>) -> Rendered {
         ("Error", event.error.as_deref()),
         ("Session ID", event.session_id.as_deref()),
         ("Event ID", event.id.as_deref()),
-    ];
-    for (label, value) in rows {
-        let value = value.map_or_else(|| ABSENT.to_owned(), body_text);
-        let _ = writeln!(body, "{:<12}{value}", format!("{label}:"));
-    }
-    body.push_str("\nDetails:\n");
-    if event.details.is_empty() {
-        let _ = writeln!(body, "  {ABSENT}");
-    }
-    for (key, value) in event.details.iter().take(MAX_DETAILS) {
-        let _ = writeln!(body, "  {} = {}", body_text(key), body_text(value));
-    }
-    if event.details.len() > MAX_DETAILS {
-        let _ = writeln!(
-            body,
-            "  … and {} more details not shown",
-            event.details.len() - MAX_DETAILS
-        );
-    }
-    if let Some(user) = context.user {
-        write_user(&mut body, user, context.time_zone);
-    }
-    let _ = write!(
-        body,
-        "\n-- \nkeycloak-notifier {} watching realm {}\n",
-        env!("CARGO_PKG_VERSION"),
-        body_text(realm)
-    );
-
-    Rendered {
-        subject,
-        body,
-        message_id: format!(
-            "<kn.{}.{}@{}>",
-            id_safe(realm),
-            id_safe(&event.dedupe_key()),
-            domain_safe(domain)
-        ),
+    ]
+    .into_iter()
+    .map(|(label, value)| Row {
+        label,
+        value: value.map_or_else(|| ABSENT.to_owned(), body_text),
+    })
+    .collect();
+    let details = event
+        .details
+        .iter()
+        .take(MAX_DETAILS)
+        .map(|(key, value)| Detail {
+            key: body_text(key),
+            value: body_text(value),
+        })
+        .collect();
+    let user_link = match (context.console, event.user_id.as_deref()) {
+        (Some(base), Some(id)) => Some(format!(
+            "{}/admin/master/console/#/{}/users/{}/settings",
+            base.trim_end_matches('/'),
+            url_part(realm),
+            url_part(id)
+        )),
+        _ => None,
+    };
+    MailView {
+        realm: body_text(realm),
+        version: env!("CARGO_PKG_VERSION"),
+        who: header_text(&who, MAX_SUBJECT_CHARS),
+        event: EventView {
+            kind: body_text(&event.kind),
+            id: text(event.id.as_deref()),
+            time,
+            user_id: text(event.user_id.as_deref()),
+            username: text(event.username()),
+            email: text(event.email()),
+            ip_address: text(event.ip_address.as_deref()),
+            client: text(event.client_id.as_deref()),
+            error: text(event.error.as_deref()),
+        },
+        rows,
+        details,
+        details_hidden: event.details.len().saturating_sub(MAX_DETAILS),
+        user: context.user.map(|user| user_view(user, context.time_zone)),
+        user_link,
+        accent: match crate::templates::kind_of(&event.kind) {
+            "register" => "#36b37e",
+            "login_error" => "#de350b",
+            "credential" => "#ff991f",
+            _ => "#0052cc",
+        },
     }
 }
 
 /// The user's record as Keycloak holds it now (it may have changed since
 /// the event).
-fn write_user(body: &mut String, user: &UserInfo, zone: Tz) {
-    body.push_str("\nThe user in Keycloak now:\n");
+fn user_view(user: &UserInfo, zone: Tz) -> UserView {
     let name = [user.first_name.as_deref(), user.last_name.as_deref()]
         .into_iter()
         .flatten()
@@ -167,28 +220,50 @@ fn write_user(body: &mut String, user: &UserInfo, zone: Tz) {
         .join(" ");
     let created = user.created.map(|ms| show_time(ms, zone));
     let enabled = user.enabled.map(|e| if e { "yes" } else { "no" });
-    let rows: [(&str, Option<&str>); 5] = [
+    let rows = [
         ("Name", (!name.is_empty()).then_some(name.as_str())),
         ("Username", user.username.as_deref()),
         ("Email", user.email.as_deref()),
         ("Created", created.as_deref()),
         ("Enabled", enabled),
-    ];
-    for (label, value) in rows {
-        let value = value.map_or_else(|| ABSENT.to_owned(), body_text);
-        let _ = writeln!(body, "  {:<12}{value}", format!("{label}:"));
+    ]
+    .into_iter()
+    .map(|(label, value)| Row {
+        label,
+        value: value.map_or_else(|| ABSENT.to_owned(), body_text),
+    })
+    .collect();
+    UserView {
+        rows,
+        attributes: user
+            .attributes
+            .iter()
+            .take(MAX_DETAILS)
+            .map(|(key, values)| Detail {
+                key: body_text(key),
+                value: values
+                    .iter()
+                    .map(|v| body_text(v))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+            .collect(),
+        attributes_hidden: user.attributes.len().saturating_sub(MAX_DETAILS),
     }
-    for (key, values) in user.attributes.iter().take(MAX_DETAILS) {
-        let values: Vec<String> = values.iter().map(|v| body_text(v)).collect();
-        let _ = writeln!(body, "  {} = {}", body_text(key), values.join(", "));
+}
+
+/// A value as one URL path or fragment part: unreserved characters kept,
+/// everything else percent-encoded.
+fn url_part(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
     }
-    if user.attributes.len() > MAX_DETAILS {
-        let _ = writeln!(
-            body,
-            "  … and {} more attributes not shown",
-            user.attributes.len() - MAX_DETAILS
-        );
-    }
+    out
 }
 
 /// The mail of `send-test-email`: proves the SMTP settings reach the
@@ -211,6 +286,7 @@ pub fn test_mail(config: &crate::config::Config) -> Rendered {
             config.smtp.port,
             now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         ),
+        html: String::new(),
         message_id: format!(
             "<kn-test.{}.{}@{}>",
             id_safe(realm),
@@ -337,14 +413,19 @@ pub fn build_message(rendered: Rendered, smtp: &SmtpConfig) -> Result<Message, M
     let mut builder = Message::builder()
         .from(smtp.sender.clone())
         .subject(rendered.subject)
-        .message_id(Some(rendered.message_id))
-        .header(ContentType::TEXT_PLAIN);
+        .message_id(Some(rendered.message_id));
     for recipient in &smtp.recipients {
         builder = builder.to(recipient.clone());
     }
-    builder
-        .body(rendered.body)
-        .map_err(|err| MailError::Build(err.to_string()))
+    let built = if rendered.html.is_empty() {
+        builder.header(ContentType::TEXT_PLAIN).body(rendered.body)
+    } else {
+        builder.multipart(MultiPart::alternative_plain_html(
+            rendered.body,
+            rendered.html,
+        ))
+    };
+    built.map_err(|err| MailError::Build(err.to_string()))
 }
 
 /// Something that delivers mails: SMTP in the product, a recorder in tests.
@@ -395,7 +476,7 @@ mod tests {
             "<kn.test.4b1d6a7e-7f3c-4d4e-9a55-0c7d1c2f9b10@example.com>"
         );
         for line in [
-            "Keycloak event REGISTER in realm test.",
+            "A new user registered in Keycloak realm test: alice (alice@example.test).",
             "Time (UTC): 2025-12-03T12:00:00.123Z",
             "Realm:      test",
             "Event type: REGISTER",
@@ -465,6 +546,8 @@ mod tests {
                 domain: "example.com",
                 time_zone: "Europe/Berlin".parse().unwrap(),
                 user: None,
+                console: None,
+                templates: None,
             },
         );
         assert!(
@@ -497,6 +580,8 @@ mod tests {
                 domain: "example.com",
                 time_zone: Tz::UTC,
                 user: Some(&user),
+                console: Some("https://sso.example.com/"),
+                templates: None,
             },
         );
         for line in [

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use keycloak_notifier::config::{self, Config};
+use keycloak_notifier::templates::Templates;
 use keycloak_notifier::{check, daemon, health, mail, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -68,6 +69,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let templates = match Templates::load(config.template_dir.as_deref()) {
+        Ok(templates) => std::sync::Arc::new(templates),
+        Err(err) => {
+            eprintln!(
+                "keycloak-notifier: invalid configuration (1 problem):\n  NOTIFIER_TEMPLATE_DIR: {err}"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     telemetry::init(config.log_format, config.log_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,16 +107,18 @@ fn main() -> ExitCode {
                     version = env!("CARGO_PKG_VERSION"),
                     "keycloak-notifier starting"
                 );
-                exit(daemon::run(config, shutdown).await)
+                exit(daemon::run(config, templates, shutdown).await)
             }
-            Command::Once => exit(daemon::run_once(config, shutdown).await.map(|summary| {
-                info!(
-                    mailed = summary.mailed,
-                    dead_lettered = summary.dead_lettered,
-                    fetched = summary.fetched,
-                    "once: done"
-                );
-            })),
+            Command::Once => exit(daemon::run_once(config, templates, shutdown).await.map(
+                |summary| {
+                    info!(
+                        mailed = summary.mailed,
+                        dead_lettered = summary.dead_lettered,
+                        fetched = summary.fetched,
+                        "once: done"
+                    );
+                },
+            )),
             Command::Check => {
                 let lines = check::run(&config).await;
                 for line in &lines {

@@ -44,7 +44,7 @@ async fn a_registration_through_the_real_form_is_mailed_with_email_and_user_id()
         "IP address: 127.0.0.1".to_owned(),
         "  register_method = form".to_owned(),
         "The user in Keycloak now:".to_owned(),
-        "  Name:       Test Registrant".to_owned(),
+        "  Name:       Test O'Registrant".to_owned(),
         "  Enabled:    yes".to_owned(),
     ] {
         assert!(

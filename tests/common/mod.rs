@@ -213,7 +213,7 @@ pub async fn register_user(stack: &Stack, username: &str, email: &str) -> String
             ("username", username),
             ("email", email),
             ("firstName", "Test"),
-            ("lastName", "Registrant"),
+            ("lastName", "O'Registrant"),
             ("password", "a-long-test-password-1"),
             ("password-confirm", "a-long-test-password-1"),
         ])
@@ -362,10 +362,19 @@ impl Mailbox {
         }
     }
 
-    /// The text body of one mail.
+    /// The text part of one mail.
     pub async fn text(&self, id: &str) -> String {
+        self.part(id, "Text").await
+    }
+
+    /// The HTML part of one mail.
+    pub async fn html(&self, id: &str) -> String {
+        self.part(id, "HTML").await
+    }
+
+    async fn part(&self, id: &str, part: &str) -> String {
         let body = json(http(false).get(format!("{}/api/v1/message/{id}", self.api))).await;
-        body["Text"].as_str().unwrap_or_default().to_owned()
+        body[part].as_str().unwrap_or_default().to_owned()
     }
 }
 
