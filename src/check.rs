@@ -145,30 +145,48 @@ async fn realm_checks(config: &Config, keycloak: &mut KeycloakClient) -> Vec<Che
     ]
 }
 
-/// The state directory exists (or can be made) and takes a file, and the
-/// cursor, if any, is readable.
+/// The state directory takes a file (or, missing, would be created), and
+/// every realm's cursor, if any, is readable. Nothing is left behind.
 fn state_directory(config: &Config) -> Result<String, String> {
     let dir = &config.state_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    if !dir.exists() {
+        return match dir.ancestors().skip(1).find(|p| p.exists()) {
+            Some(parent) if parent.is_dir() => Ok(format!(
+                "{} does not exist yet; the notifier will create it in {}",
+                dir.display(),
+                parent.display()
+            )),
+            _ => Err(format!(
+                "{} does not exist and cannot be created",
+                dir.display()
+            )),
+        };
+    }
     let probe = dir.join(".check-write");
     std::fs::write(&probe, b"ok")
         .map_err(|err| format!("cannot write in {}: {err}", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
-    let store = CursorStore::new(dir, &config.keycloak.realm);
-    match store.load() {
-        Ok(Some(cursor)) => Ok(format!(
-            "{} writable; cursor at {}",
-            dir.display(),
-            chrono::DateTime::from_timestamp_millis(cursor.time)
-                .map_or_else(|| cursor.time.to_string(), |t| t.to_rfc3339())
-        )),
-        Ok(None) => Ok(format!(
-            "{} writable; no cursor yet (first run)",
-            dir.display()
-        )),
-        Err(err) => Err(err.to_string()),
+    let mut cursors = Vec::new();
+    for realm in &config.keycloak.realms {
+        let cursor = CursorStore::new(dir, realm)
+            .load()
+            .map_err(|err| err.to_string())?;
+        cursors.push(match cursor {
+            Some(cursor) => format!(
+                "realm {realm:?} at {}",
+                chrono::DateTime::from_timestamp_millis(cursor.time).map_or_else(
+                    || cursor.time.to_string(),
+                    |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                )
+            ),
+            None => format!("realm {realm:?} not started yet"),
+        });
     }
+    Ok(format!(
+        "{} writable; cursors: {}",
+        dir.display(),
+        cursors.join(", ")
+    ))
 }
 
 #[cfg(test)]

@@ -96,6 +96,31 @@ pub enum SmtpSecurity {
     None,
 }
 
+impl fmt::Display for SmtpSecurity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SmtpSecurity::StartTls => "starttls",
+            SmtpSecurity::Tls => "tls",
+            SmtpSecurity::None => "none",
+        })
+    }
+}
+
+impl fmt::Display for StartFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartFrom::Now => f.write_str("now"),
+            StartFrom::Beginning => f.write_str("beginning"),
+            StartFrom::At(at) => write!(
+                f,
+                "{}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            StartFrom::Ago(ago) => write!(f, "{} ago", humantime::format_duration(*ago)),
+        }
+    }
+}
+
 impl SmtpSecurity {
     pub fn default_port(self) -> u16 {
         match self {
@@ -338,7 +363,19 @@ impl Config {
                 Ok(config)
             }
             _ => Err(ConfigError {
-                problems: v.problems,
+                problems: v
+                    .problems
+                    .into_iter()
+                    .chain(unknown.into_iter().map(|(var, meant)| Problem {
+                        message: match meant {
+                            Some(meant) => {
+                                format!("is not a setting of the notifier; did you mean {meant}?")
+                            }
+                            None => "is not a setting of the notifier".into(),
+                        },
+                        var,
+                    }))
+                    .collect(),
             }),
         }
     }
@@ -371,7 +408,7 @@ impl Config {
         };
         format!(
             "keycloak={} realms={} auth_realm={} auth=[{}] event_types={} poll_interval={} \
-             state_dir={} start_from={:?} page_size={} time_zone={} http={} smtp={}:{} security={:?} \
+             state_dir={} start_from={} page_size={} time_zone={} http={} smtp={}:{} security={} \
              smtp_auth={} sender={} recipients={}",
             self.keycloak.base_url,
             self.keycloak.realms.join(","),
@@ -683,6 +720,14 @@ impl Validator {
                 );
                 None
             }
+            // A secret file that failed has been reported already.
+            (None, None, None)
+                if self.problems.iter().any(|p| {
+                    p.var == "KEYCLOAK_CLIENT_SECRET_FILE" || p.var == "KEYCLOAK_PASSWORD_FILE"
+                }) =>
+            {
+                None
+            }
             (None, None, None) => {
                 self.problem(
                     "KEYCLOAK_CLIENT_SECRET",
@@ -799,13 +844,21 @@ impl Validator {
             }
         }
         if !unknown.is_empty() {
+            let described: Vec<String> = unknown
+                .iter()
+                .map(|name| match closest(name, KNOWN_EVENT_TYPES) {
+                    Some(meant) => format!("{name} (did you mean {meant}?)"),
+                    None => name.clone(),
+                })
+                .collect();
             self.problem(
                 VAR,
                 format!(
-                    "unknown Keycloak event type{} {} (names such as REGISTER, LOGIN_ERROR, \
-                     UPDATE_PASSWORD; see the README)",
+                    "unknown Keycloak event type{} {}; Keycloak's user event types are names \
+                     such as REGISTER, LOGIN_ERROR, UPDATE_PASSWORD, UPDATE_EMAIL, RESET_PASSWORD, \
+                     DELETE_ACCOUNT",
                     if unknown.len() == 1 { "" } else { "s" },
-                    unknown.join(", ")
+                    described.join(", ")
                 ),
             );
             return None;
@@ -883,7 +936,12 @@ const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The known variable `name` most likely meant, if it is close enough
 /// (at most three edits, a third of its length).
 fn closest_known(name: &str) -> Option<&'static str> {
-    KNOWN_VARS
+    closest(name, KNOWN_VARS)
+}
+
+/// The name in `names` closest to `name`, if it is close enough.
+fn closest(name: &str, names: &[&'static str]) -> Option<&'static str> {
+    names
         .iter()
         .map(|known| (edit_distance(name, known), *known))
         .filter(|(d, _)| *d <= 3 && *d * 3 <= name.len())
@@ -1334,6 +1392,42 @@ mod tests {
             problems(with(&[("NOTIFIER_HTTP_ADDR", "8080")])),
             ["NOTIFIER_HTTP_ADDR"]
         );
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_named_when_the_configuration_fails() {
+        let mut all = without(&["SMTP_RECEIVER"]);
+        all.extend(vars(&[("SMTP_RECIEVER", "a@example.com")]));
+        let err = Config::from_vars(all).unwrap_err().to_string();
+        assert!(err.contains("  SMTP_RECEIVER: must be set"), "{err}");
+        assert!(
+            err.contains(
+                "  SMTP_RECIEVER: is not a setting of the notifier; did you mean SMTP_RECEIVER?"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_event_type_gets_a_suggestion() {
+        let err = Config::from_vars(with(&[("NOTIFIER_EVENT_TYPES", "LOGIN_EROR")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("LOGIN_EROR (did you mean LOGIN_ERROR?)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_summary_shows_values_as_they_are_written() {
+        let summary = Config::from_vars(with(&[
+            ("SMTP_SECURITY", "none"),
+            ("NOTIFIER_START_FROM", "24h"),
+        ]))
+        .unwrap()
+        .redacted_summary();
+        assert!(summary.contains("security=none"), "{summary}");
+        assert!(summary.contains("start_from=1day ago"), "{summary}");
     }
 
     #[test]

@@ -90,7 +90,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        for (name, meant) in &config.unknown_vars {
+        // `check` reports them itself, as failures.
+        let unknown = if matches!(command, Command::Check) {
+            &[][..]
+        } else {
+            &config.unknown_vars[..]
+        };
+        for (name, meant) in unknown {
             match meant {
                 Some(meant) => {
                     warn!(variable = %name, did_you_mean = %meant, "unknown variable, ignored")

@@ -97,7 +97,8 @@ fn hint(step: Step, security: SmtpSecurity, port: u16, error: &str) -> Option<St
     if early && security == SmtpSecurity::Tls && port != 465 {
         return Some(format!(
             "port {port} usually speaks plain SMTP first: with SMTP_SECURITY=tls use port \
-             465, or keep port {port} with SMTP_SECURITY=starttls"
+             465, or keep port {port} with SMTP_SECURITY=starttls (or none, for a server \
+             without TLS)"
         ));
     }
     if early && security == SmtpSecurity::StartTls && port == 465 && !tls_step {

@@ -12,8 +12,13 @@ use crate::config::LogFormat;
 const DEFAULT_FILTER: &str = "info";
 
 pub fn init(format: LogFormat, level: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or(DEFAULT_FILTER)));
+    // An empty RUST_LOG (as `RUST_LOG=${RUST_LOG:-}` in compose leaves it)
+    // counts as unset.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .and_then(|value| EnvFilter::try_new(value).ok())
+        .unwrap_or_else(|| EnvFilter::new(level.unwrap_or(DEFAULT_FILTER)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
