@@ -188,6 +188,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_ROUTES`: recipients per event type, before `SMTP_RECEIVER`.
+    pub routes: Vec<Route>,
+    /// `NOTIFIER_INCLUDE_CLIENTS`: if not empty, only events of these clients.
+    pub include_clients: Vec<String>,
+    /// `NOTIFIER_EXCLUDE_CLIENTS`: never events of these clients.
+    pub exclude_clients: Vec<String>,
     /// `NOTIFIER_TEMPLATE_DIR`: mail templates that replace the built-in ones.
     pub template_dir: Option<PathBuf>,
     /// `NOTIFIER_TIME_ZONE`: mails show times in this zone, UTC beside them.
@@ -200,6 +206,13 @@ pub struct Config {
     /// Variables with one of our prefixes that the notifier does not know
     /// (typos, mostly), each with the known name it probably meant.
     pub unknown_vars: Vec<(String, Option<&'static str>)>,
+}
+
+/// Mails of these event types go to these recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub types: Vec<String>,
+    pub recipients: Vec<Mailbox>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +284,9 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_HTTP_ADDR",
     "NOTIFIER_TIME_ZONE",
     "NOTIFIER_TEMPLATE_DIR",
+    "NOTIFIER_ROUTES",
+    "NOTIFIER_INCLUDE_CLIENTS",
+    "NOTIFIER_EXCLUDE_CLIENTS",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -305,6 +321,9 @@ struct RawEnv {
     notifier_http_addr: Option<String>,
     notifier_time_zone: Option<String>,
     notifier_template_dir: Option<String>,
+    notifier_routes: Option<String>,
+    notifier_include_clients: Option<String>,
+    notifier_exclude_clients: Option<String>,
 }
 
 impl Config {
@@ -378,6 +397,23 @@ impl Config {
                     .collect(),
             }),
         }
+    }
+
+    /// Who gets the mail of an event of `event_type`: the first route that
+    /// names the type, else `SMTP_RECEIVER`.
+    pub fn recipients_for(&self, event_type: &str) -> &[Mailbox] {
+        self.routes
+            .iter()
+            .find(|route| route.types.iter().any(|t| t == event_type))
+            .map_or(&self.smtp.recipients[..], |route| &route.recipients[..])
+    }
+
+    /// Whether events of `client` (Keycloak's clientId) are mailed.
+    pub fn wants_client(&self, client: Option<&str>) -> bool {
+        let included = self.include_clients.is_empty()
+            || client.is_some_and(|c| self.include_clients.iter().any(|i| i == c));
+        let excluded = client.is_some_and(|c| self.exclude_clients.iter().any(|e| e == c));
+        included && !excluded
     }
 
     /// This configuration for one of its watched realms.
@@ -485,6 +521,19 @@ impl Validator {
         );
         let start_from = self.start_from(raw.notifier_start_from.as_deref());
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
+        let routes = self.routes(raw.notifier_routes.as_deref());
+        let list = |value: &Option<String>| -> Vec<String> {
+            value
+                .as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let include_clients = list(&raw.notifier_include_clients);
+        let exclude_clients = list(&raw.notifier_exclude_clients);
         let time_zone = match raw.notifier_time_zone.as_deref().map(str::trim) {
             None => Some(chrono_tz::Tz::UTC),
             Some(zone) => match zone.parse::<chrono_tz::Tz>() {
@@ -541,6 +590,9 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            routes: routes?,
+            include_clients,
+            exclude_clients,
             template_dir: raw
                 .notifier_template_dir
                 .as_deref()
@@ -868,6 +920,63 @@ impl Validator {
             return None;
         }
         Some(types)
+    }
+
+    /// `NOTIFIER_ROUTES`: `TYPE[|TYPE…]=address[,address…]` rules separated
+    /// by `;`, e.g. `REGISTER=admins@example.com; LOGIN_ERROR|UPDATE_PASSWORD=security@example.com`.
+    fn routes(&mut self, value: Option<&str>) -> Option<Vec<Route>> {
+        const VAR: &str = "NOTIFIER_ROUTES";
+        let mut routes = Vec::new();
+        let mut ok = true;
+        for rule in value
+            .unwrap_or_default()
+            .split(';')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+        {
+            let Some((types, addresses)) = rule.split_once('=') else {
+                self.problem(
+                    VAR,
+                    format!("{rule:?} is not TYPE=address (e.g. REGISTER=admins@example.com)"),
+                );
+                ok = false;
+                continue;
+            };
+            let mut route = Route {
+                types: Vec::new(),
+                recipients: Vec::new(),
+            };
+            for name in types.split('|').map(|t| t.trim().to_ascii_uppercase()) {
+                if KNOWN_EVENT_TYPES.contains(&name.as_str()) {
+                    route.types.push(name);
+                } else {
+                    let hint = closest(&name, KNOWN_EVENT_TYPES)
+                        .map(|m| format!(" (did you mean {m}?)"))
+                        .unwrap_or_default();
+                    self.problem(
+                        VAR,
+                        format!("{name:?} in {rule:?} is not a Keycloak event type{hint}"),
+                    );
+                    ok = false;
+                }
+            }
+            for address in addresses
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+            {
+                match self.mailbox(VAR, address) {
+                    Some(mailbox) => route.recipients.push(mailbox),
+                    None => ok = false,
+                }
+            }
+            if route.recipients.is_empty() && ok {
+                self.problem(VAR, format!("{rule:?} names no recipient"));
+                ok = false;
+            }
+            routes.push(route);
+        }
+        ok.then_some(routes)
     }
 
     fn poll_interval(&mut self, value: Option<&str>) -> Option<Duration> {
@@ -1428,6 +1537,57 @@ mod tests {
         .redacted_summary();
         assert!(summary.contains("security=none"), "{summary}");
         assert!(summary.contains("start_from=1day ago"), "{summary}");
+    }
+
+    #[test]
+    fn routes_send_event_types_to_their_own_recipients() {
+        let config = Config::from_vars(with(&[(
+            "NOTIFIER_ROUTES",
+            "register = admins@example.com; login_error|UPDATE_PASSWORD=sec@example.com, soc@example.com;",
+        )]))
+        .unwrap();
+        let emails = |t: &str| -> Vec<String> {
+            config
+                .recipients_for(t)
+                .iter()
+                .map(|m| m.email.to_string())
+                .collect()
+        };
+        assert_eq!(emails("REGISTER"), ["admins@example.com"]);
+        assert_eq!(
+            emails("UPDATE_PASSWORD"),
+            ["sec@example.com", "soc@example.com"]
+        );
+        assert_eq!(
+            emails("LOGOUT"),
+            ["admin@example.com"],
+            "the rest go to SMTP_RECEIVER"
+        );
+        for bad in [
+            "REGISTER",
+            "REGISTR=a@example.com",
+            "REGISTER=not-an-address",
+            "REGISTER=",
+        ] {
+            assert_eq!(
+                problems(with(&[("NOTIFIER_ROUTES", bad)])),
+                ["NOTIFIER_ROUTES"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn clients_can_be_included_or_excluded() {
+        let config =
+            Config::from_vars(with(&[("NOTIFIER_EXCLUDE_CLIENTS", "monitoring, ci-bot")])).unwrap();
+        assert!(config.wants_client(Some("web")));
+        assert!(config.wants_client(None));
+        assert!(!config.wants_client(Some("ci-bot")));
+        let config = Config::from_vars(with(&[("NOTIFIER_INCLUDE_CLIENTS", "web")])).unwrap();
+        assert!(config.wants_client(Some("web")));
+        assert!(!config.wants_client(Some("other")));
+        assert!(!config.wants_client(None));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct PollSummary {
     pub fetched: usize,
     pub mailed: usize,
     pub dead_lettered: usize,
+    /// New events of clients that NOTIFIER_INCLUDE/EXCLUDE_CLIENTS leave out.
+    pub filtered: usize,
     pub pages: usize,
 }
 
@@ -387,6 +389,17 @@ impl<M: Mailer> Notifier<M> {
                 }
                 self.metrics
                     .event_seen(&self.config.keycloak.realm, &event.kind, event.time);
+                if !self.config.wants_client(event.client_id.as_deref()) {
+                    debug!(
+                        event_id = event.id.as_deref().unwrap_or("-"),
+                        client = event.client_id.as_deref().unwrap_or("-"),
+                        "event of a filtered client; not mailed"
+                    );
+                    summary.filtered += 1;
+                    self.cursor.advance_past(&event);
+                    self.persist(shutdown).await?;
+                    continue;
+                }
                 let user = self.look_up_user(&event).await;
                 let rendered = mail::render_with(
                     &event,
@@ -399,7 +412,11 @@ impl<M: Mailer> Notifier<M> {
                         templates: self.templates.as_deref(),
                     },
                 );
-                let message = mail::build_message(rendered, &self.config.smtp)?;
+                let message = mail::build_message(
+                    rendered,
+                    &self.config.smtp,
+                    self.config.recipients_for(&event.kind),
+                )?;
                 match self.deliver(&event, message, shutdown).await? {
                     Delivery::Mailed => summary.mailed += 1,
                     Delivery::DeadLettered => summary.dead_lettered += 1,
@@ -467,7 +484,7 @@ impl<M: Mailer> Notifier<M> {
                         r#type = %event.kind,
                         event_id,
                         time = %format_ms(event.time),
-                        recipients = self.config.smtp.recipients.len(),
+                        recipients = self.config.recipients_for(&event.kind).len(),
                         "mailed"
                     );
                     return Ok(Delivery::Mailed);
@@ -708,6 +725,7 @@ mod tests {
             fetched: 10,
             mailed: 10,
             dead_lettered: 0,
+            filtered: 0,
             pages: 3,
         };
         assert_eq!(summary, expected);
@@ -906,6 +924,41 @@ mod tests {
             2
         );
         // One refused look-up, then no more tries (the mock expects one).
+    }
+
+    #[tokio::test]
+    async fn excluded_clients_are_skipped_and_routes_pick_the_recipients() {
+        let events = vec![
+            json!({"id": "e1", "time": 10, "type": "LOGIN_ERROR", "clientId": "ci-bot", "details": {"username": "bot"}}),
+            json!({"id": "e2", "time": 20, "type": "LOGIN_ERROR", "clientId": "web", "details": {"username": "bob"}}),
+        ];
+        let server = keycloak_with(events).await;
+        let state = tempfile::tempdir().unwrap();
+        let mut config = config(&server, state.path());
+        config.exclude_clients = vec!["ci-bot".into()];
+        config.routes = vec![crate::config::Route {
+            types: vec!["LOGIN_ERROR".into()],
+            recipients: vec!["security@example.com".parse().unwrap()],
+        }];
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config, mailer.clone());
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.mailed, summary.filtered), (1, 1));
+        assert_eq!(
+            *mailer.subjects.lock().unwrap(),
+            ["[Keycloak test] LOGIN_ERROR: bob"]
+        );
+        let raw = &mailer.raw.lock().unwrap()[0];
+        assert!(raw.contains("To: security@example.com"), "{raw}");
+        // The skipped event is behind the cursor too.
+        assert_eq!(
+            CursorStore::new(state.path(), "test")
+                .load()
+                .unwrap()
+                .unwrap()
+                .time,
+            20
+        );
     }
 
     #[tokio::test]

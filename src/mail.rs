@@ -8,8 +8,8 @@
 
 use chrono::DateTime;
 use lettre::Message;
-use lettre::message::MultiPart;
 use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, MultiPart};
 use std::fmt::Write as _;
 use std::future::Future;
 
@@ -408,13 +408,17 @@ impl MailError {
     }
 }
 
-/// Attaches the configured addresses to a rendered mail.
-pub fn build_message(rendered: Rendered, smtp: &SmtpConfig) -> Result<Message, MailError> {
+/// Addresses a rendered mail from the sender to `recipients`.
+pub fn build_message(
+    rendered: Rendered,
+    smtp: &SmtpConfig,
+    recipients: &[Mailbox],
+) -> Result<Message, MailError> {
     let mut builder = Message::builder()
         .from(smtp.sender.clone())
         .subject(rendered.subject)
         .message_id(Some(rendered.message_id));
-    for recipient in &smtp.recipients {
+    for recipient in recipients {
         builder = builder.to(recipient.clone());
     }
     let built = if rendered.html.is_empty() {
@@ -532,7 +536,12 @@ mod tests {
             mail.body
                 .contains("mallory\\r\\nBcc: victim@example.com\\r\\n\\r\\n<script>")
         );
-        let raw = String::from_utf8(build_message(mail, &smtp()).unwrap().formatted()).unwrap();
+        let raw = String::from_utf8(
+            build_message(mail, &smtp(), &smtp().recipients)
+                .unwrap()
+                .formatted(),
+        )
+        .unwrap();
         assert!(!raw.lines().any(|l| l.starts_with("Bcc:")), "{raw}");
     }
 
@@ -630,7 +639,7 @@ mod tests {
         let mail = render(&event, "test", "example.com");
         assert_eq!(mail.subject, "[Keycloak test] LOGIN_ERROR");
         assert!(mail.body.contains("(out of range)"));
-        build_message(mail, &smtp()).unwrap();
+        build_message(mail, &smtp(), &smtp().recipients).unwrap();
     }
 
     #[test]
@@ -638,6 +647,7 @@ mod tests {
         let message = build_message(
             render(&register_event("e", 1), "test", "example.com"),
             &smtp(),
+            &smtp().recipients,
         )
         .unwrap();
         let to: Vec<String> = message
@@ -676,7 +686,7 @@ mod tests {
             event.details.insert("email".into(), email);
             let mail = render(&event, "test", "example.com");
             prop_assert!(!mail.subject.chars().any(|c| c.is_control()));
-            let raw = String::from_utf8_lossy(&build_message(mail, &smtp()).unwrap().formatted()).into_owned();
+            let raw = String::from_utf8_lossy(&build_message(mail, &smtp(), &smtp().recipients).unwrap().formatted()).into_owned();
             let headers = raw.split("\r\n\r\n").next().unwrap_or_default();
             prop_assert!(!headers.lines().any(|l| l.starts_with("X-Injected")), "{}", headers);
         }

@@ -154,7 +154,11 @@ fn exit<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
 async fn send_test_email(config: &Config) -> ExitCode {
     let sent = async {
         let mailer = keycloak_notifier::smtp::SmtpMailer::new(&config.smtp)?;
-        let message = mail::build_message(mail::test_mail(config), &config.smtp)?;
+        let message = mail::build_message(
+            mail::test_mail(config),
+            &config.smtp,
+            &config.smtp.recipients,
+        )?;
         mailer.send_with_reply(message).await
     };
     match sent.await {

@@ -378,3 +378,37 @@ async fn several_realms_share_one_token_and_a_failing_realm_does_not_stop_the_ot
         "the failing realm's lines should name it:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_and_client_filters_pick_who_gets_which_mail() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admins = format!("{}@example.test", unique("admins"));
+    let security = format!("{}@example.test", unique("security"));
+    let prefix = unique("routes");
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admins, state.path());
+    env.insert("NOTIFIER_ROUTES".into(), format!("LOGIN_ERROR={security}"));
+    env.insert("NOTIFIER_EXCLUDE_CLIENTS".into(), "admin-cli".into());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    failed_login_via(&stack, "test", "admin-cli", &format!("{prefix}-cli")).await;
+    failed_login_via(&stack, "test", "web", &format!("{prefix}-web")).await;
+
+    let _notifier = NotifierProcess::start(&env, &state.path().join("notifier.log"));
+    let to_security = Mailbox::new(&stack, &security);
+    to_security.wait_for(&prefix, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let subjects: Vec<String> = to_security
+        .matching(&prefix)
+        .await
+        .into_iter()
+        .map(|m| m.subject)
+        .collect();
+    assert_eq!(
+        subjects,
+        [format!("[Keycloak test] LOGIN_ERROR: {prefix}-web")]
+    );
+    assert!(
+        Mailbox::new(&stack, &admins).list().await.is_empty(),
+        "LOGIN_ERROR is routed away from SMTP_RECEIVER"
+    );
+}

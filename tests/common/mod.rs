@@ -163,6 +163,12 @@ pub fn wait_for_file(path: &Path) {
 
 /// [`failed_login`] in another realm (one with the public client `web`).
 pub async fn failed_login_in(stack: &Stack, realm: &str, username: &str) {
+    failed_login_via(stack, realm, PUBLIC_CLIENT, username).await;
+}
+
+/// A failed password grant through `client` (a public client with direct
+/// access grants, such as `web` or the realm's own `admin-cli`).
+pub async fn failed_login_via(stack: &Stack, realm: &str, client: &str, username: &str) {
     let response = http(false)
         .post(format!(
             "{}/realms/{realm}/protocol/openid-connect/token",
@@ -170,7 +176,7 @@ pub async fn failed_login_in(stack: &Stack, realm: &str, username: &str) {
         ))
         .form(&[
             ("grant_type", "password"),
-            ("client_id", PUBLIC_CLIENT),
+            ("client_id", client),
             ("username", username),
             ("password", "wrong-password"),
         ])
