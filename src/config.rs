@@ -188,6 +188,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_ADMIN_EVENTS`: which admin events are mailed (none if empty).
+    pub admin_events: Vec<AdminEventPattern>,
     /// `NOTIFIER_ROUTES`: recipients per event type, before `SMTP_RECEIVER`.
     pub routes: Vec<Route>,
     /// `NOTIFIER_INCLUDE_CLIENTS`: if not empty, only events of these clients.
@@ -207,6 +209,23 @@ pub struct Config {
     /// (typos, mostly), each with the known name it probably meant.
     pub unknown_vars: Vec<(String, Option<&'static str>)>,
 }
+
+/// `RESOURCE:OPERATION` of admin events to mail; `None` matches any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminEventPattern {
+    pub resource: Option<String>,
+    pub operation: Option<String>,
+}
+
+impl AdminEventPattern {
+    pub fn matches(&self, resource: &str, operation: &str) -> bool {
+        self.resource.as_deref().is_none_or(|r| r == resource)
+            && self.operation.as_deref().is_none_or(|o| o == operation)
+    }
+}
+
+/// Keycloak's admin event operation types.
+pub const ADMIN_OPERATIONS: [&str; 4] = ["CREATE", "UPDATE", "DELETE", "ACTION"];
 
 /// Mails of these event types go to these recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +306,7 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_ROUTES",
     "NOTIFIER_INCLUDE_CLIENTS",
     "NOTIFIER_EXCLUDE_CLIENTS",
+    "NOTIFIER_ADMIN_EVENTS",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -324,6 +344,7 @@ struct RawEnv {
     notifier_routes: Option<String>,
     notifier_include_clients: Option<String>,
     notifier_exclude_clients: Option<String>,
+    notifier_admin_events: Option<String>,
 }
 
 impl Config {
@@ -522,6 +543,7 @@ impl Validator {
         let start_from = self.start_from(raw.notifier_start_from.as_deref());
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
         let routes = self.routes(raw.notifier_routes.as_deref());
+        let admin_events = self.admin_events(raw.notifier_admin_events.as_deref());
         let list = |value: &Option<String>| -> Vec<String> {
             value
                 .as_deref()
@@ -590,6 +612,7 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            admin_events: admin_events?,
             routes: routes?,
             include_clients,
             exclude_clients,
@@ -920,6 +943,43 @@ impl Validator {
             return None;
         }
         Some(types)
+    }
+
+    /// `NOTIFIER_ADMIN_EVENTS`: `RESOURCE:OPERATION` pairs, comma-separated,
+    /// `*` for any (`USER:CREATE,USER:DELETE,CLIENT:*`).
+    fn admin_events(&mut self, value: Option<&str>) -> Option<Vec<AdminEventPattern>> {
+        const VAR: &str = "NOTIFIER_ADMIN_EVENTS";
+        let mut patterns = Vec::new();
+        let mut ok = true;
+        for item in value
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let upper = item.to_ascii_uppercase();
+            let (resource, operation) = upper.split_once(':').unwrap_or((upper.as_str(), "*"));
+            let (resource, operation) = (resource.trim(), operation.trim());
+            let resource_ok = resource == "*"
+                || (!resource.is_empty()
+                    && resource.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            if !resource_ok || !(operation == "*" || ADMIN_OPERATIONS.contains(&operation)) {
+                self.problem(
+                    VAR,
+                    format!(
+                        "{item:?} is not RESOURCE:OPERATION such as USER:CREATE (operations: \
+                         CREATE, UPDATE, DELETE, ACTION, or * for any)"
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            patterns.push(AdminEventPattern {
+                resource: (resource != "*").then(|| resource.to_owned()),
+                operation: (operation != "*").then(|| operation.to_owned()),
+            });
+        }
+        ok.then_some(patterns)
     }
 
     /// `NOTIFIER_ROUTES`: `TYPE[|TYPE…]=address[,address…]` rules separated
@@ -1572,6 +1632,34 @@ mod tests {
             assert_eq!(
                 problems(with(&[("NOTIFIER_ROUTES", bad)])),
                 ["NOTIFIER_ROUTES"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_events_are_resource_operation_pairs() {
+        let config = Config::from_vars(with(&[(
+            "NOTIFIER_ADMIN_EVENTS",
+            "user:create, CLIENT:*, GROUP",
+        )]))
+        .unwrap();
+        let [user, client, group] = &config.admin_events[..] else {
+            panic!("{:?}", config.admin_events)
+        };
+        assert!(user.matches("USER", "CREATE") && !user.matches("USER", "DELETE"));
+        assert!(client.matches("CLIENT", "DELETE") && !client.matches("USER", "CREATE"));
+        assert!(group.matches("GROUP", "UPDATE"));
+        assert!(
+            Config::from_vars(vars(MINIMAL))
+                .unwrap()
+                .admin_events
+                .is_empty()
+        );
+        for bad in ["USER:MODIFY", "us er:CREATE", ":CREATE"] {
+            assert_eq!(
+                problems(with(&[("NOTIFIER_ADMIN_EVENTS", bad)])),
+                ["NOTIFIER_ADMIN_EVENTS"],
                 "{bad}"
             );
         }

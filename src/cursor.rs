@@ -105,6 +105,15 @@ impl CursorStore {
         }
     }
 
+    /// The cursor of the realm's admin events (`admin-cursor-<realm>.json`).
+    pub fn for_admin_events(state_dir: &Path, realm: &str) -> Self {
+        Self {
+            dir: state_dir.to_path_buf(),
+            path: state_dir.join(format!("admin-cursor-{}.json", file_safe(realm))),
+            realm: realm.to_owned(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -70,6 +70,13 @@ pub struct PollSummary {
     pub pages: usize,
 }
 
+/// The two event streams of a realm, each with its own cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    User,
+    Admin,
+}
+
 /// How the delivery of one event ended.
 enum Delivery {
     Mailed,
@@ -86,6 +93,10 @@ pub struct Notifier<M> {
     cursor: Cursor,
     dead_letters: DeadLetters,
     heartbeat: Option<Heartbeat>,
+    /// The admin events' cursor, when `NOTIFIER_ADMIN_EVENTS` names some.
+    admin: Option<(CursorStore, Cursor)>,
+    /// The notifier's own user id (its token's subject), learnt once.
+    own_user_id: Option<String>,
     metrics: Arc<Metrics>,
     /// `None`: the built-in templates.
     templates: Option<Arc<Templates>>,
@@ -101,7 +112,22 @@ pub struct Notifier<M> {
 /// first event does not move the starting point. Saving also proves that the
 /// state directory is writable before anything is mailed.
 pub fn open_cursor(config: &Config) -> Result<(CursorStore, Cursor), CursorError> {
-    let store = CursorStore::new(&config.state_dir, &config.keycloak.realm);
+    open_store(
+        config,
+        CursorStore::new(&config.state_dir, &config.keycloak.realm),
+    )
+}
+
+/// [`open_cursor`] for the realm's admin events, if any are watched.
+pub fn open_admin_cursor(config: &Config) -> Result<Option<(CursorStore, Cursor)>, CursorError> {
+    if config.admin_events.is_empty() {
+        return Ok(None);
+    }
+    let store = CursorStore::for_admin_events(&config.state_dir, &config.keycloak.realm);
+    open_store(config, store).map(Some)
+}
+
+fn open_store(config: &Config, store: CursorStore) -> Result<(CursorStore, Cursor), CursorError> {
     store.ensure_dir()?;
     let cursor = match store.load()? {
         Some(cursor) => {
@@ -139,7 +165,8 @@ pub async fn run(
     for realm in &config.keycloak.realms {
         let realm_config = config.for_realm(realm);
         let (store, cursor) = open_cursor(&realm_config)?;
-        realms.push((realm_config, store, cursor));
+        let admin = open_admin_cursor(&realm_config)?;
+        realms.push((realm_config, store, cursor, admin));
     }
     let heartbeat = Heartbeat::new(&config.state_dir);
     tokio::spawn(heartbeat.clone().run(shutdown.clone()));
@@ -161,7 +188,7 @@ pub async fn run(
         other => other?,
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for (realm_config, store, cursor) in realms {
+    for (realm_config, store, cursor, admin) in realms {
         let mut client = keycloak.for_realm(&realm_config.keycloak.realm);
         let span = tracing::info_span!("realm", realm = %realm_config.keycloak.realm);
         let (mailer, heartbeat, metrics, templates, shutdown) = (
@@ -174,12 +201,14 @@ pub async fn run(
         tasks.spawn(
             async move {
                 check_event_settings(&mut client, &realm_config, &cursor).await;
-                Notifier::new(realm_config, client, mailer, store, cursor)
+                let mut notifier = Notifier::new(realm_config, client, mailer, store, cursor)
                     .with_heartbeat(heartbeat)
                     .with_metrics(metrics)
-                    .with_templates(templates)
-                    .run(&shutdown)
-                    .await
+                    .with_templates(templates);
+                if let Some((store, cursor)) = admin {
+                    notifier = notifier.with_admin_events(store, cursor);
+                }
+                notifier.run(&shutdown).await
             }
             .instrument(span),
         );
@@ -211,20 +240,24 @@ pub async fn run_once(
     for realm in &config.keycloak.realms {
         let realm_config = config.for_realm(realm);
         let (store, cursor) = open_cursor(&realm_config)?;
-        stores.push((realm_config, store, cursor));
+        let admin = open_admin_cursor(&realm_config)?;
+        stores.push((realm_config, store, cursor, admin));
     }
     let mailer = Arc::new(SmtpMailer::new(&config.smtp)?);
     let mut keycloak = KeycloakClient::new(&config.keycloak)?;
     keycloak.connect().await?;
     let mut total = PollSummary::default();
     let mut first_error = None;
-    for (realm_config, store, cursor) in stores {
+    for (realm_config, store, cursor, admin) in stores {
         let realm = realm_config.keycloak.realm.clone();
         let mut client = keycloak.for_realm(&realm);
         check_event_settings(&mut client, &realm_config, &cursor).await;
         let mut notifier = Notifier::new(realm_config, client, mailer.clone(), store, cursor)
             .with_templates(templates.clone())
             .without_mail_retries();
+        if let Some((store, cursor)) = admin {
+            notifier = notifier.with_admin_events(store, cursor);
+        }
         match notifier.poll(&shutdown).await {
             Ok(summary) => {
                 total.fetched += summary.fetched;
@@ -263,11 +296,19 @@ impl<M: Mailer> Notifier<M> {
             cursor,
             dead_letters,
             heartbeat: None,
+            admin: None,
+            own_user_id: None,
             metrics: Arc::default(),
             templates: None,
             look_up_users: true,
             retry_mail: true,
         }
+    }
+
+    /// Also watches admin events, with their own cursor.
+    pub fn with_admin_events(mut self, store: CursorStore, cursor: Cursor) -> Self {
+        self.admin = Some((store, cursor));
+        self
     }
 
     /// Renders mails with `templates` instead of the built-in ones.
@@ -367,40 +408,109 @@ impl<M: Mailer> Notifier<M> {
         Ok(())
     }
 
-    /// Fetches every new event, page by page, and mails each in order.
+    /// Fetches every new user event (and admin event, if watched), page by
+    /// page, and mails each in order.
     pub async fn poll(&mut self, shutdown: &CancellationToken) -> Result<PollSummary, PollError> {
+        let mut summary = self.poll_stream(Stream::User, shutdown).await?;
+        if self.admin.is_some() && !shutdown.is_cancelled() {
+            let admin = self.poll_stream(Stream::Admin, shutdown).await?;
+            summary.fetched += admin.fetched;
+            summary.mailed += admin.mailed;
+            summary.dead_lettered += admin.dead_lettered;
+            summary.filtered += admin.filtered;
+            summary.pages += admin.pages;
+        }
+        Ok(summary)
+    }
+
+    fn cursor_of(&self, stream: Stream) -> &Cursor {
+        match (stream, &self.admin) {
+            (Stream::Admin, Some((_, cursor))) => cursor,
+            _ => &self.cursor,
+        }
+    }
+
+    /// Whether `event` is one to mail, by client (user events) or by
+    /// resource and operation, never the notifier's own (admin events).
+    async fn wanted(&mut self, stream: Stream, event: &Event) -> bool {
+        match stream {
+            Stream::User => self.config.wants_client(event.client_id.as_deref()),
+            Stream::Admin => {
+                let resource = event
+                    .details
+                    .get("resource_type")
+                    .map_or("", String::as_str);
+                let operation = event.details.get("operation").map_or("", String::as_str);
+                if !self
+                    .config
+                    .admin_events
+                    .iter()
+                    .any(|p| p.matches(resource, operation))
+                {
+                    return false;
+                }
+                if self.own_user_id.is_none() {
+                    self.own_user_id = Some(self.keycloak.own_user_id().await.unwrap_or_default());
+                }
+                let own = self.own_user_id.as_deref().unwrap_or_default();
+                own.is_empty()
+                    || event
+                        .details
+                        .get("admin_user_id")
+                        .is_none_or(|id| id != own)
+            }
+        }
+    }
+
+    async fn poll_stream(
+        &mut self,
+        stream: Stream,
+        shutdown: &CancellationToken,
+    ) -> Result<PollSummary, PollError> {
         let max = self.config.page_size;
         // The query's start stays fixed during the poll so that the offsets
         // of the pages stay consistent with each other.
-        let from = self.cursor.since;
+        let from = self.cursor_of(stream).since;
         let mut first = 0;
         let mut summary = PollSummary::default();
         loop {
-            let page = self
-                .keycloak
-                .events_page(&self.config.event_types, from, first, max)
-                .await?;
+            let page = match stream {
+                Stream::User => {
+                    self.keycloak
+                        .events_page(&self.config.event_types, from, first, max)
+                        .await?
+                }
+                Stream::Admin => {
+                    self.keycloak
+                        .admin_events_page(&self.config.admin_events, from, first, max)
+                        .await?
+                }
+            };
             let len = page.len();
             summary.pages += 1;
             summary.fetched += len;
-            for event in select_new(&self.cursor, page) {
+            for event in select_new(self.cursor_of(stream), page) {
                 if shutdown.is_cancelled() {
                     return Ok(summary);
                 }
                 self.metrics
                     .event_seen(&self.config.keycloak.realm, &event.kind, event.time);
-                if !self.config.wants_client(event.client_id.as_deref()) {
+                if !self.wanted(stream, &event).await {
                     debug!(
                         event_id = event.id.as_deref().unwrap_or("-"),
+                        r#type = %event.kind,
                         client = event.client_id.as_deref().unwrap_or("-"),
-                        "event of a filtered client; not mailed"
+                        "filtered out; not mailed"
                     );
                     summary.filtered += 1;
-                    self.cursor.advance_past(&event);
-                    self.persist(shutdown).await?;
+                    self.advance(stream, &event, shutdown).await?;
                     continue;
                 }
-                let user = self.look_up_user(&event).await;
+                let user = if event.kind.ends_with("_DELETE") {
+                    None
+                } else {
+                    self.look_up_user(&event).await
+                };
                 let rendered = mail::render_with(
                     &event,
                     &mail::Context {
@@ -422,14 +532,27 @@ impl<M: Mailer> Notifier<M> {
                     Delivery::DeadLettered => summary.dead_lettered += 1,
                     Delivery::Stopped => return Ok(summary),
                 }
-                self.cursor.advance_past(&event);
-                self.persist(shutdown).await?;
+                self.advance(stream, &event, shutdown).await?;
             }
             if is_last_page(len, max) {
                 return Ok(summary);
             }
             first = next_offset(first, max);
         }
+    }
+
+    /// Moves the stream's cursor past `event` and saves it.
+    async fn advance(
+        &mut self,
+        stream: Stream,
+        event: &Event,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CursorError> {
+        match (stream, &mut self.admin) {
+            (Stream::Admin, Some((_, cursor))) => cursor.advance_past(event),
+            _ => self.cursor.advance_past(event),
+        }
+        self.persist(stream, shutdown).await
     }
 
     /// The event's user as Keycloak knows them now, for the mail. Never
@@ -530,10 +653,18 @@ impl<M: Mailer> Notifier<M> {
     /// Saves the cursor. If the state directory refuses (full, read-only),
     /// nothing more is mailed until it works again, and a shutdown meanwhile
     /// is an error: the mail just accepted would be sent again on restart.
-    async fn persist(&self, shutdown: &CancellationToken) -> Result<(), CursorError> {
+    async fn persist(
+        &self,
+        stream: Stream,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CursorError> {
+        let (store, cursor) = match (stream, &self.admin) {
+            (Stream::Admin, Some((store, cursor))) => (store, cursor),
+            _ => (&self.store, &self.cursor),
+        };
         let mut delays = retry::backoff();
         loop {
-            let err = match self.store.save(&self.cursor) {
+            let err = match store.save(cursor) {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };

@@ -131,6 +131,98 @@ impl Event {
     }
 }
 
+/// Prefix of the `kind` of an event made from an admin event
+/// (`ADMIN_USER_CREATE`): templates and subjects tell them apart by it.
+pub const ADMIN_PREFIX: &str = "ADMIN_";
+
+impl Event {
+    /// Parses one page of the admin-events endpoint into events the rest of
+    /// the notifier handles like user events: `kind` is
+    /// `ADMIN_<resource>_<operation>`, `user_id` the user the change is
+    /// about (for `users/<id>` paths), and the details say who did what:
+    /// operation, resource type and path, the acting admin's user id, client
+    /// and realm, and the representation when Keycloak stores it (its
+    /// username and email are lifted out for the subject).
+    pub fn parse_admin_page(body: &Value) -> Result<Vec<Event>, EventDecodeError> {
+        let items = body.as_array().ok_or(EventDecodeError::NotAnArray)?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| Event::from_admin_json(index, item))
+            .collect()
+    }
+
+    fn from_admin_json(index: usize, value: &Value) -> Result<Event, EventDecodeError> {
+        let object = value
+            .as_object()
+            .ok_or(EventDecodeError::NotAnObject { index })?;
+        let time = object
+            .get("time")
+            .and_then(Value::as_i64)
+            .ok_or(EventDecodeError::NoTime { index })?;
+        let field = |name: &str| object.get(name).and_then(text);
+        let operation = field("operationType").ok_or(EventDecodeError::NoType { index })?;
+        let resource = field("resourceType").unwrap_or_else(|| "UNKNOWN".into());
+        let auth = object.get("authDetails").and_then(Value::as_object);
+        let auth_field = |name: &str| auth.and_then(|a| a.get(name)).and_then(text);
+        let path = field("resourcePath");
+        let mut details = BTreeMap::new();
+        details.insert("operation".to_owned(), operation.clone());
+        details.insert("resource_type".to_owned(), resource.clone());
+        for (key, value) in [
+            ("resource_path", path.clone()),
+            ("admin_user_id", auth_field("userId")),
+            ("admin_client", auth_field("clientId")),
+            ("admin_realm", auth_field("realmId")),
+            ("representation", field("representation")),
+        ] {
+            if let Some(value) = value {
+                details.insert(key.to_owned(), value);
+            }
+        }
+        if let Some(extra) = object.get("details").and_then(Value::as_object) {
+            for (key, value) in extra {
+                if let Some(value) = text(value) {
+                    details.entry(key.clone()).or_insert(value);
+                }
+            }
+        }
+        // The representation is JSON text; its username and email name the
+        // subject of a user change.
+        let representation: Option<Value> = details
+            .get("representation")
+            .and_then(|r| serde_json::from_str(r).ok());
+        for key in ["username", "email"] {
+            if let Some(value) = representation
+                .as_ref()
+                .and_then(|r| r.get(key))
+                .and_then(text)
+            {
+                details.insert(key.to_owned(), value);
+            }
+        }
+        let user_id = match (resource.as_str(), path.as_deref()) {
+            ("USER", Some(path)) => path
+                .strip_prefix("users/")
+                .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+                .filter(|id| !id.is_empty()),
+            _ => None,
+        };
+        Ok(Event {
+            id: field("id"),
+            time,
+            kind: format!("{ADMIN_PREFIX}{resource}_{operation}"),
+            realm_id: field("realmId"),
+            client_id: auth_field("clientId"),
+            user_id,
+            session_id: None,
+            ip_address: auth_field("ipAddress"),
+            error: field("error"),
+            details,
+        })
+    }
+}
+
 /// A JSON value as text: strings as they are, numbers and booleans written
 /// out, null as absent, anything nested as compact JSON.
 fn text(value: &Value) -> Option<String> {
@@ -245,6 +337,46 @@ pub(crate) mod tests {
         assert_eq!(
             Event::parse_page(&json!({"error": "x"})),
             Err(EventDecodeError::NotAnArray)
+        );
+    }
+
+    #[test]
+    fn an_admin_user_creation_reads_as_an_event_about_that_user() {
+        let events = Event::parse_admin_page(&json!([{
+            "id": "a1",
+            "time": 42,
+            "realmId": "realm-uuid",
+            "authDetails": {"realmId": "master-uuid", "clientId": "cli-uuid", "userId": "admin-uuid", "ipAddress": "127.0.0.1"},
+            "operationType": "CREATE",
+            "resourceType": "USER",
+            "resourcePath": "users/new-user-uuid",
+            "representation": "{\"username\":\"carol\",\"email\":\"carol@example.test\",\"enabled\":true}"
+        }]))
+        .unwrap();
+        let event = &events[0];
+        assert_eq!(event.kind, "ADMIN_USER_CREATE");
+        assert_eq!(event.user_id.as_deref(), Some("new-user-uuid"));
+        assert_eq!(event.username(), Some("carol"));
+        assert_eq!(event.email(), Some("carol@example.test"));
+        assert_eq!(event.details["admin_user_id"], "admin-uuid");
+        assert_eq!(event.details["resource_path"], "users/new-user-uuid");
+        assert_eq!(event.ip_address.as_deref(), Some("127.0.0.1"));
+        assert_eq!(event.dedupe_key(), "a1");
+    }
+
+    #[test]
+    fn an_odd_admin_event_is_still_read() {
+        let events = Event::parse_admin_page(&json!([
+            {"time": 1, "operationType": "DELETE", "resourceType": "CLIENT", "representation": "not json"},
+            {"time": 2, "operationType": "ACTION", "resourceType": "USER", "resourcePath": "users/"},
+        ]))
+        .unwrap();
+        assert_eq!(events[0].kind, "ADMIN_CLIENT_DELETE");
+        assert_eq!(events[0].username(), None);
+        assert_eq!(events[1].user_id, None);
+        assert_eq!(
+            Event::parse_admin_page(&json!([{"time": 1}])),
+            Err(EventDecodeError::NoType { index: 0 })
         );
     }
 

@@ -352,6 +352,62 @@ impl KeycloakClient {
         })
     }
 
+    /// One page of the realm's admin events matching `patterns`, oldest
+    /// first, from `date_from` (epoch ms, inclusive). The query asks for
+    /// the patterns' operations and resources; `first`/`max` page through
+    /// what the server returns, and the caller keeps the exact pairs.
+    pub async fn admin_events_page(
+        &mut self,
+        patterns: &[crate::config::AdminEventPattern],
+        date_from: i64,
+        first: u32,
+        max: u32,
+    ) -> Result<Vec<Event>, KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, "admin-events"]);
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if patterns.iter().all(|p| p.operation.is_some()) {
+            let mut ops: Vec<&String> = patterns
+                .iter()
+                .filter_map(|p| p.operation.as_ref())
+                .collect();
+            ops.sort();
+            ops.dedup();
+            query.extend(ops.into_iter().map(|o| ("operationTypes", o.clone())));
+        }
+        if patterns.iter().all(|p| p.resource.is_some()) {
+            let mut resources: Vec<&String> = patterns
+                .iter()
+                .filter_map(|p| p.resource.as_ref())
+                .collect();
+            resources.sort();
+            resources.dedup();
+            query.extend(resources.into_iter().map(|r| ("resourceTypes", r.clone())));
+        }
+        query.extend([
+            ("direction", "asc".to_owned()),
+            ("dateFrom", date_from.to_string()),
+            ("first", first.to_string()),
+            ("max", max.to_string()),
+        ]);
+        let body = self.get_json(&url, &query, "view-events").await?;
+        Event::parse_admin_page(&body).map_err(|err: EventDecodeError| KeycloakError::Decode {
+            url: url.to_string(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// The subject (`sub`) of the current access token: the notifier's own
+    /// user (its service account), so that its own admin events are not
+    /// mailed back. Read from the token's payload, which needs no check
+    /// here: Keycloak just issued it over this connection.
+    pub async fn own_user_id(&self) -> Option<String> {
+        let token = self.token().await.ok()?;
+        let payload = token.split('.').nth(1)?;
+        let json = base64_url_decode(payload)?;
+        let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+        claims.get("sub")?.as_str().map(str::to_owned)
+    }
+
     /// The user with this id as Keycloak holds it now; `None` if it no
     /// longer exists (deleted since the event).
     pub async fn user(&mut self, id: &str) -> Result<Option<UserInfo>, KeycloakError> {
@@ -607,6 +663,31 @@ async fn quoted_body(response: reqwest::Response) -> String {
     }
 }
 
+/// Decodes unpadded base64url (a JWT part).
+fn base64_url_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut buffer = 0u32;
+    let mut bits = 0;
+    for byte in text.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            b'=' => continue,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
 /// `https://kc/auth` ↔ `https://kc`: Keycloak 17+ serves at the root unless
 /// its `http-relative-path` says otherwise; older ones served under `/auth`.
 pub fn toggle_legacy_auth_path(base: &Url) -> Url {
@@ -695,6 +776,16 @@ mod tests {
             late[0]
         );
         assert!(late[0].contains("expired unseen"), "{}", late[0]);
+    }
+
+    #[test]
+    fn jwt_parts_decode() {
+        // {"sub":"a-b"} in base64url without padding.
+        assert_eq!(
+            base64_url_decode("eyJzdWIiOiJhLWIifQ").unwrap(),
+            br#"{"sub":"a-b"}"#
+        );
+        assert_eq!(base64_url_decode("not*base64"), None);
     }
 
     #[test]

@@ -135,7 +135,12 @@ fn view(event: &Event, context: &Context<'_>) -> MailView {
         (Some(user), Some(email)) if user != email => format!("{user} ({email})"),
         (Some(user), _) => user.to_owned(),
         (None, Some(email)) => email.to_owned(),
-        (None, None) => event.user_id.clone().unwrap_or_default(),
+        (None, None) => event
+            .details
+            .get("resource_path")
+            .or(event.user_id.as_ref())
+            .cloned()
+            .unwrap_or_default(),
     };
     let time = show_time(event.time, context.time_zone);
     let time_label = if context.time_zone == Tz::UTC {
@@ -205,6 +210,7 @@ fn view(event: &Event, context: &Context<'_>) -> MailView {
             "register" => "#36b37e",
             "login_error" => "#de350b",
             "credential" => "#ff991f",
+            "admin" => "#6554c0",
             _ => "#0052cc",
         },
     }

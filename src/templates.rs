@@ -1,5 +1,6 @@
 //! Mail templates (minijinja): a subject, a text part and an HTML part per
-//! kind of event, with a generic fallback.
+//! kind of event (registration, failed login, credential change, admin
+//! change), with a generic fallback.
 //!
 //! The defaults are built into the binary (`templates/` in the source);
 //! `NOTIFIER_TEMPLATE_DIR` can replace any of them by a file of the same
@@ -47,6 +48,8 @@ const DEFAULTS: &[(&str, &str)] = &[
         "credential.html",
         include_str!("../templates/credential.html"),
     ),
+    ("admin.txt", include_str!("../templates/admin.txt")),
+    ("admin.html", include_str!("../templates/admin.html")),
 ];
 
 /// Event types whose mail is about a user's credentials.
@@ -64,6 +67,7 @@ const CREDENTIAL_TYPES: &[&str] = &[
 /// (`update_email.txt`) wins over its kind.
 pub fn kind_of(event_type: &str) -> &'static str {
     match event_type {
+        t if t.starts_with(crate::event::ADMIN_PREFIX) => "admin",
         "REGISTER" => "register",
         "LOGIN_ERROR" => "login_error",
         t if CREDENTIAL_TYPES.contains(&t) => "credential",
@@ -279,7 +283,13 @@ impl Templates {
     /// Renders every kind with sample events, with and without a user and
     /// with every optional value missing.
     fn try_all(&self) -> Result<(), TemplateError> {
-        for event_type in ["REGISTER", "LOGIN_ERROR", "UPDATE_PASSWORD", "LOGOUT"] {
+        for event_type in [
+            "REGISTER",
+            "LOGIN_ERROR",
+            "UPDATE_PASSWORD",
+            "LOGOUT",
+            "ADMIN_USER_CREATE",
+        ] {
             for full in [true, false] {
                 self.render(event_type, &MailView::sample(event_type, full))?;
             }
@@ -368,6 +378,7 @@ mod tests {
         assert_eq!(kind_of("UPDATE_PASSWORD"), "credential");
         assert_eq!(kind_of("REMOVE_TOTP"), "credential");
         assert_eq!(kind_of("LOGOUT"), "generic");
+        assert_eq!(kind_of("ADMIN_USER_CREATE"), "admin");
     }
 
     #[test]

@@ -412,3 +412,68 @@ async fn routes_and_client_filters_pick_who_gets_which_mail() {
         "LOGIN_ERROR is routed away from SMTP_RECEIVER"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_created_by_an_admin_becomes_a_mail() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admins = format!("{}@example.test", unique("adminevents"));
+    let mailbox = Mailbox::new(&stack, &admins);
+    let mut env = stack.notifier_env("REGISTER", &admins, state.path());
+    env.insert("NOTIFIER_ADMIN_EVENTS".into(), "USER:CREATE".into());
+    let _notifier = NotifierProcess::start(&env, &state.path().join("notifier.log"));
+    wait_for_file(&state.path().join("admin-cursor-test.json"));
+
+    // An administrator (the stack's master admin, test only) creates a user
+    // through the admin API: Keycloak stores no REGISTER for that.
+    let token = json(
+        http(false)
+            .post(format!(
+                "{}/realms/master/protocol/openid-connect/token",
+                stack.keycloak_url
+            ))
+            .form(&[
+                ("grant_type", "password"),
+                ("client_id", "admin-cli"),
+                (
+                    "username",
+                    &std::env::var("KN_KEYCLOAK_ADMIN_USERNAME").unwrap(),
+                ),
+                (
+                    "password",
+                    &std::env::var("KN_KEYCLOAK_ADMIN_PASSWORD").unwrap(),
+                ),
+            ]),
+    )
+    .await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let username = unique("created");
+    let email = format!("{username}@example.test");
+    let created = http(false)
+        .post(format!("{}/admin/realms/{REALM}/users", stack.keycloak_url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"username": username, "email": email, "enabled": true, "firstName": "Made", "lastName": "ByAdmin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+
+    let mails = mailbox.wait_for(&username, 1).await;
+    assert_eq!(
+        mails[0].subject,
+        format!("[Keycloak test] ADMIN_USER_CREATE: {username} ({email})")
+    );
+    let text = mailbox.text(&mails[0].id).await;
+    assert!(
+        text.contains("An administrator changed Keycloak realm test: USER CREATE"),
+        "{text}"
+    );
+    assert!(text.contains("  operation = CREATE"), "{text}");
+    assert!(text.contains("  admin_user_id = "), "{text}");
+    assert!(
+        text.contains("  Name:       Made ByAdmin"),
+        "the created user is looked up:\n{text}"
+    );
+}
