@@ -18,7 +18,7 @@ use crate::http::{self, BindError};
 use crate::keycloak::{KeycloakClient, KeycloakError, UserInfo};
 use crate::mail::{self, MailError, Mailer};
 use crate::metrics::Metrics;
-use crate::poller::{is_last_page, next_offset, select_new};
+use crate::poller::{is_last_page, next_page, select_new};
 use crate::retry;
 use crate::smtp::SmtpMailer;
 use crate::templates::Templates;
@@ -467,26 +467,24 @@ impl<M: Mailer> Notifier<M> {
         stream: Stream,
         shutdown: &CancellationToken,
     ) -> Result<PollSummary, PollError> {
-        let max = self.config.page_size;
-        // The query's start stays fixed during the poll so that the offsets
-        // of the pages stay consistent with each other.
-        let from = self.cursor_of(stream).since;
-        let mut first = 0;
+        let page_size = self.config.page_size;
+        let (mut from, mut max) = (self.cursor_of(stream).since, page_size);
         let mut summary = PollSummary::default();
         loop {
             let page = match stream {
                 Stream::User => {
                     self.keycloak
-                        .events_page(&self.config.event_types, from, first, max)
+                        .events_page(&self.config.event_types, from, 0, max)
                         .await?
                 }
                 Stream::Admin => {
                     self.keycloak
-                        .admin_events_page(&self.config.admin_events, from, first, max)
+                        .admin_events_page(&self.config.admin_events, from, 0, max)
                         .await?
                 }
             };
             let len = page.len();
+            let last_time = page.last().map(|event| event.time);
             summary.pages += 1;
             summary.fetched += len;
             for event in select_new(self.cursor_of(stream), page) {
@@ -534,10 +532,12 @@ impl<M: Mailer> Notifier<M> {
                 }
                 self.advance(stream, &event, shutdown).await?;
             }
-            if is_last_page(len, max) {
-                return Ok(summary);
+            match last_time {
+                Some(last) if !is_last_page(len, max) => {
+                    (from, max) = next_page(from, max, page_size, last);
+                }
+                _ => return Ok(summary),
             }
-            first = next_offset(first, max);
         }
     }
 
@@ -731,6 +731,28 @@ mod tests {
     /// `dateFrom` inclusive, ascending, `first`/`max` paging.
     struct EventStore(Vec<Value>);
 
+    /// Like [`EventStore`], but as Keycloak really sorts: by time only, so
+    /// events that share a millisecond come in a different order from one
+    /// request to the next (here: reversed on every other request).
+    struct UnstableTies {
+        events: Vec<Value>,
+        requests: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Respond for UnstableTies {
+        fn respond(&self, request: &Request) -> ResponseTemplate {
+            let n = self
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut events = self.events.clone();
+            if n % 2 == 1 {
+                events.reverse();
+                events.sort_by_key(|e| e["time"].as_i64().unwrap());
+            }
+            EventStore(events).respond(request)
+        }
+    }
+
     impl Respond for EventStore {
         fn respond(&self, request: &Request) -> ResponseTemplate {
             let param = |name: &str| {
@@ -852,12 +874,14 @@ mod tests {
         let mailer = Recorder::default();
         let mut notifier = notifier(config(&server, state.path()), mailer.clone());
         let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        // Pages from 0 (10..40), from 40 (40, 40, 40, 50), from 50 (50..80),
+        // from 80 (80, short): each starts at the last time of the one before.
         let expected = PollSummary {
-            fetched: 10,
+            fetched: 13,
             mailed: 10,
             dead_lettered: 0,
             filtered: 0,
-            pages: 3,
+            pages: 4,
         };
         assert_eq!(summary, expected);
         assert_eq!(*mailer.subjects.lock().unwrap(), subjects(0..10));
@@ -876,6 +900,36 @@ mod tests {
             0
         );
         assert_eq!(mailer.subjects.lock().unwrap().len(), 10);
+    }
+
+    #[tokio::test]
+    async fn events_sharing_a_millisecond_across_a_page_boundary_are_all_mailed() {
+        // Three events at 40 straddle the boundary of the first page (4).
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"access_token": "t", "expires_in": 300})),
+            )
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/admin/realms/test/events"))
+            .respond_with(UnstableTies {
+                events: events(),
+                requests: Default::default(),
+            })
+            .mount(&server)
+            .await;
+        let state = tempfile::tempdir().unwrap();
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config(&server, state.path()), mailer.clone());
+        notifier.poll(&CancellationToken::new()).await.unwrap();
+        let mut mailed = mailer.subjects.lock().unwrap().clone();
+        mailed.sort();
+        let mut expected = subjects(0..10);
+        expected.sort();
+        assert_eq!(mailed, expected, "each event exactly once");
     }
 
     #[tokio::test]

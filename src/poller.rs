@@ -1,9 +1,17 @@
 //! Which events are new, and in what order: pure decisions, no I/O.
 //!
 //! A poll asks Keycloak for the watched types with `direction=asc` from the
-//! cursor's `since` (inclusive) and pages with `first`/`max` until a short page.
-//! Each page goes through [`select_new`]; the caller mails the result in
-//! order and advances the cursor past each event once its mail is accepted.
+//! cursor's `since` (inclusive), `max` at a time, until a short page. Each
+//! page goes through [`select_new`]; the caller mails the result in order
+//! and advances the cursor past each event once its mail is accepted.
+//!
+//! The next page starts at the time of the last event of the page before
+//! ([`next_page`]), never at an offset: Keycloak sorts by time only, so
+//! events that share a millisecond may come in another order in the next
+//! request, and an offset could then return one of them twice and never the
+//! other. Asking again from that millisecond returns all of them; the
+//! cursor's keys drop the ones already mailed. A page that is all one
+//! millisecond is asked for again, twice as large, until it holds them all.
 
 use std::collections::HashSet;
 
@@ -28,9 +36,16 @@ pub fn is_last_page(len: usize, max: u32) -> bool {
     len < max as usize
 }
 
-/// The `first` offset of the page after the one that started at `first`.
-pub fn next_offset(first: u32, max: u32) -> u32 {
-    first.saturating_add(max)
+/// The `dateFrom` and `max` of the page after a full one that started at
+/// `from`, asked for `max` events and ended at `last_time`: from that last
+/// time, with the configured size `page_size`; or, when the whole page was
+/// one millisecond, that millisecond again with twice the size.
+pub fn next_page(from: i64, max: u32, page_size: u32, last_time: i64) -> (i64, u32) {
+    if last_time > from {
+        (last_time, page_size)
+    } else {
+        (from, max.saturating_mul(2))
+    }
 }
 
 #[cfg(test)]
@@ -77,28 +92,51 @@ mod tests {
     }
 
     #[test]
-    fn paging_stops_at_a_short_page() {
+    fn pages_follow_the_time_of_the_last_event() {
         assert!(!is_last_page(100, 100));
         assert!(is_last_page(99, 100));
         assert!(is_last_page(0, 100));
-        assert_eq!(next_offset(200, 100), 300);
-        assert_eq!(next_offset(u32::MAX, 100), u32::MAX);
+        assert_eq!(next_page(10, 100, 100, 25), (25, 100));
+        assert_eq!(
+            next_page(25, 100, 100, 25),
+            (25, 200),
+            "a full page in one millisecond"
+        );
+        assert_eq!(next_page(25, 200, 100, 30), (30, 100));
+        assert_eq!(next_page(25, u32::MAX, 100, 25), (25, u32::MAX));
     }
 
-    /// Replays a stream through pages of `max` (as Keycloak serves them:
-    /// ascending by time, arbitrary order inside one millisecond), with the
-    /// cursor persisted and reloaded between polls.
-    fn drain(stream: &[Event], cursor: &mut Cursor, max: usize) -> Vec<String> {
-        let from = cursor.since;
-        let visible: Vec<&Event> = stream.iter().filter(|e| e.time >= from).collect();
+    /// Replays a stream as Keycloak serves it: ascending by time, events of
+    /// one millisecond in an order that changes from request to request, and
+    /// pages chosen by [`next_page`]; the cursor carries over between polls.
+    fn drain(stream: &[Event], cursor: &mut Cursor, max: usize, requests: &mut u64) -> Vec<String> {
+        let (mut from, mut size) = (cursor.since, max as u32);
         let mut mailed = Vec::new();
-        for page in visible.chunks(max) {
-            for event in select_new(cursor, page.iter().map(|e| (*e).clone()).collect()) {
+        loop {
+            *requests += 1;
+            let mut visible: Vec<Event> =
+                stream.iter().filter(|e| e.time >= from).cloned().collect();
+            // A different tie order on every request (stable sort by time
+            // after a request-dependent rotation).
+            let len = visible.len();
+            if len > 0 {
+                visible.rotate_left((*requests as usize * 7) % len);
+            }
+            visible.sort_by_key(|e| e.time);
+            let page: Vec<Event> = visible.into_iter().take(size as usize).collect();
+            let page_len = page.len();
+            let last_time = page.last().map(|e| e.time);
+            for event in select_new(cursor, page) {
                 cursor.advance_past(&event);
                 mailed.push(event.id.clone().unwrap());
             }
+            match last_time {
+                Some(last) if !is_last_page(page_len, size) => {
+                    (from, size) = next_page(from, size, max as u32, last);
+                }
+                _ => return mailed,
+            }
         }
-        mailed
     }
 
     proptest! {
@@ -121,13 +159,17 @@ mod tests {
                 .collect();
             let mut cursor = Cursor::starting_at(0);
             let mut mailed = Vec::new();
+            let mut requests = 0;
             // New events arrive between polls.
             for upto in (poll_every..stream.len() + poll_every).step_by(poll_every) {
                 let arrived = &stream[..upto.min(stream.len())];
-                mailed.extend(drain(arrived, &mut cursor, max));
+                mailed.extend(drain(arrived, &mut cursor, max, &mut requests));
             }
-            mailed.extend(drain(&stream, &mut cursor, max));
-            let expected: Vec<String> = stream.iter().map(|e| e.id.clone().unwrap()).collect();
+            mailed.extend(drain(&stream, &mut cursor, max, &mut requests));
+            let mut expected: Vec<String> = stream.iter().map(|e| e.id.clone().unwrap()).collect();
+            // Exactly once each; within one millisecond the order may vary.
+            mailed.sort();
+            expected.sort();
             prop_assert_eq!(mailed, expected);
         }
     }
