@@ -188,6 +188,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub start_from: StartFrom,
     pub page_size: u32,
+    /// `NOTIFIER_DIGEST_THRESHOLD`: more new events than this in one poll go
+    /// into one digest (0: never).
+    pub digest_threshold: usize,
+    /// `NOTIFIER_RATE_LIMIT`: at most this many mails a minute, the rest in a
+    /// digest (0: no limit).
+    pub rate_limit: usize,
     /// `NOTIFIER_ADMIN_EVENTS`: which admin events are mailed (none if empty).
     pub admin_events: Vec<AdminEventPattern>,
     /// `NOTIFIER_ROUTES`: recipients per event type, before `SMTP_RECEIVER`.
@@ -307,6 +313,8 @@ pub const KNOWN_VARS: &[&str] = &[
     "NOTIFIER_INCLUDE_CLIENTS",
     "NOTIFIER_EXCLUDE_CLIENTS",
     "NOTIFIER_ADMIN_EVENTS",
+    "NOTIFIER_DIGEST_THRESHOLD",
+    "NOTIFIER_RATE_LIMIT",
 ];
 
 /// The variables as envy reads them: all optional strings, validated later.
@@ -345,6 +353,8 @@ struct RawEnv {
     notifier_include_clients: Option<String>,
     notifier_exclude_clients: Option<String>,
     notifier_admin_events: Option<String>,
+    notifier_digest_threshold: Option<String>,
+    notifier_rate_limit: Option<String>,
 }
 
 impl Config {
@@ -544,6 +554,11 @@ impl Validator {
         let page_size = self.page_size(raw.notifier_page_size.as_deref());
         let routes = self.routes(raw.notifier_routes.as_deref());
         let admin_events = self.admin_events(raw.notifier_admin_events.as_deref());
+        let digest_threshold = self.count(
+            "NOTIFIER_DIGEST_THRESHOLD",
+            raw.notifier_digest_threshold.as_deref(),
+        );
+        let rate_limit = self.count("NOTIFIER_RATE_LIMIT", raw.notifier_rate_limit.as_deref());
         let list = |value: &Option<String>| -> Vec<String> {
             value
                 .as_deref()
@@ -612,6 +627,8 @@ impl Validator {
             state_dir,
             start_from: start_from?,
             page_size: page_size?,
+            digest_threshold: digest_threshold?,
+            rate_limit: rate_limit?,
             admin_events: admin_events?,
             routes: routes?,
             include_clients,
@@ -943,6 +960,23 @@ impl Validator {
             return None;
         }
         Some(types)
+    }
+
+    /// A count, 0 (the default) meaning off.
+    fn count(&mut self, var: &str, value: Option<&str>) -> Option<usize> {
+        let Some(value) = value.map(str::trim) else {
+            return Some(0);
+        };
+        match value.parse::<usize>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.problem(
+                    var,
+                    format!("{value:?} is not a whole number (0 turns it off)"),
+                );
+                None
+            }
+        }
     }
 
     /// `NOTIFIER_ADMIN_EVENTS`: `RESOURCE:OPERATION` pairs, comma-separated,

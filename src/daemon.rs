@@ -23,6 +23,12 @@ use crate::retry;
 use crate::smtp::SmtpMailer;
 use crate::templates::Templates;
 
+/// At most this many new events are held before they are mailed (or put in
+/// a digest): a long backlog is handled in batches of this size.
+const BATCH_MAX: usize = 1000;
+/// The window of `NOTIFIER_RATE_LIMIT`.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
 /// After SIGTERM, the mail in flight may take this much longer; the process
 /// still ends within Docker's and Kubernetes' default 10 s grace.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
@@ -67,6 +73,8 @@ pub struct PollSummary {
     pub dead_lettered: usize,
     /// New events of clients that NOTIFIER_INCLUDE/EXCLUDE_CLIENTS leave out.
     pub filtered: usize,
+    /// Digest mails sent (their events count as mailed).
+    pub digests: usize,
     pub pages: usize,
 }
 
@@ -97,6 +105,8 @@ pub struct Notifier<M> {
     admin: Option<(CursorStore, Cursor)>,
     /// The notifier's own user id (its token's subject), learnt once.
     own_user_id: Option<String>,
+    /// When the mails of the last minute were sent (for the rate limit).
+    sent: std::collections::VecDeque<Instant>,
     metrics: Arc<Metrics>,
     /// `None`: the built-in templates.
     templates: Option<Arc<Templates>>,
@@ -298,6 +308,7 @@ impl<M: Mailer> Notifier<M> {
             heartbeat: None,
             admin: None,
             own_user_id: None,
+            sent: std::collections::VecDeque::new(),
             metrics: Arc::default(),
             templates: None,
             look_up_users: true,
@@ -418,6 +429,7 @@ impl<M: Mailer> Notifier<M> {
             summary.mailed += admin.mailed;
             summary.dead_lettered += admin.dead_lettered;
             summary.filtered += admin.filtered;
+            summary.digests += admin.digests;
             summary.pages += admin.pages;
         }
         Ok(summary)
@@ -470,6 +482,8 @@ impl<M: Mailer> Notifier<M> {
         let page_size = self.config.page_size;
         let (mut from, mut max) = (self.cursor_of(stream).since, page_size);
         let mut summary = PollSummary::default();
+        let mut pending = Vec::new();
+        let mut held = std::collections::HashSet::new();
         loop {
             let page = match stream {
                 Stream::User => {
@@ -489,11 +503,17 @@ impl<M: Mailer> Notifier<M> {
             summary.fetched += len;
             for event in select_new(self.cursor_of(stream), page) {
                 if shutdown.is_cancelled() {
-                    return Ok(summary);
+                    break;
+                }
+                // Pages overlap at their edges; events held for this batch
+                // are not in the cursor yet.
+                if !held.insert(event.dedupe_key()) {
+                    continue;
                 }
                 self.metrics
                     .event_seen(&self.config.keycloak.realm, &event.kind, event.time);
-                if !self.wanted(stream, &event).await {
+                let wanted = self.wanted(stream, &event).await;
+                if !wanted {
                     debug!(
                         event_id = event.id.as_deref().unwrap_or("-"),
                         r#type = %event.kind,
@@ -501,44 +521,154 @@ impl<M: Mailer> Notifier<M> {
                         "filtered out; not mailed"
                     );
                     summary.filtered += 1;
-                    self.advance(stream, &event, shutdown).await?;
-                    continue;
                 }
-                let user = if event.kind.ends_with("_DELETE") {
-                    None
-                } else {
-                    self.look_up_user(&event).await
-                };
-                let rendered = mail::render_with(
-                    &event,
-                    &mail::Context {
-                        realm: &self.config.keycloak.realm,
-                        domain: self.config.smtp.sender.email.domain(),
-                        time_zone: self.config.time_zone,
-                        user: user.as_ref(),
-                        console: Some(self.keycloak.base_url().as_str()),
-                        templates: self.templates.as_deref(),
-                    },
-                );
-                let message = mail::build_message(
-                    rendered,
-                    &self.config.smtp,
-                    self.config.recipients_for(&event.kind),
-                )?;
-                match self.deliver(&event, message, shutdown).await? {
-                    Delivery::Mailed => summary.mailed += 1,
-                    Delivery::DeadLettered => summary.dead_lettered += 1,
-                    Delivery::Stopped => return Ok(summary),
+                pending.push((event, wanted));
+                if pending.len() >= BATCH_MAX
+                    && !self
+                        .flush(stream, &mut pending, &mut summary, shutdown)
+                        .await?
+                {
+                    return Ok(summary);
                 }
-                self.advance(stream, &event, shutdown).await?;
             }
-            match last_time {
-                Some(last) if !is_last_page(len, max) => {
-                    (from, max) = next_page(from, max, page_size, last);
-                }
-                _ => return Ok(summary),
+            let done = shutdown.is_cancelled() || last_time.is_none() || is_last_page(len, max);
+            if done {
+                self.flush(stream, &mut pending, &mut summary, shutdown)
+                    .await?;
+                return Ok(summary);
+            }
+            if let Some(last) = last_time {
+                (from, max) = next_page(from, max, page_size, last);
             }
         }
+    }
+
+    /// Mails the new events gathered so far, in time order, and moves the
+    /// cursor past each once its mail is accepted. Too many for one poll
+    /// (`NOTIFIER_DIGEST_THRESHOLD`), or more than the rate limit allows, go
+    /// into one digest per group of recipients instead; the cursor moves
+    /// past those only when every digest is accepted. `false` if a shutdown
+    /// stopped it.
+    async fn flush(
+        &mut self,
+        stream: Stream,
+        pending: &mut Vec<(Event, bool)>,
+        summary: &mut PollSummary,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, PollError> {
+        let items = std::mem::take(pending);
+        let wanted_count = items.iter().filter(|(_, wanted)| *wanted).count();
+        let threshold = self.config.digest_threshold;
+        let mut digest_from = (threshold > 0 && wanted_count > threshold).then_some(0);
+        if digest_from.is_none() {
+            for (index, (event, wanted)) in items.iter().enumerate() {
+                if *wanted {
+                    if self.rate_limited() {
+                        digest_from = Some(index);
+                        break;
+                    }
+                    match self.mail_one(event, shutdown).await? {
+                        Delivery::Mailed => summary.mailed += 1,
+                        Delivery::DeadLettered => summary.dead_lettered += 1,
+                        Delivery::Stopped => return Ok(false),
+                    }
+                }
+                self.advance(stream, event, shutdown).await?;
+            }
+        }
+        let Some(start) = digest_from else {
+            return Ok(true);
+        };
+        let rest = &items[start..];
+        let events: Vec<&Event> = rest.iter().filter(|(_, w)| *w).map(|(e, _)| e).collect();
+        // One digest per set of recipients (routes may differ by type).
+        let mut groups: Vec<(&[lettre::message::Mailbox], Vec<&Event>)> = Vec::new();
+        for event in events {
+            let recipients = self.config.recipients_for(&event.kind);
+            match groups.iter_mut().find(|(r, _)| *r == recipients) {
+                Some((_, group)) => group.push(event),
+                None => groups.push((recipients, vec![event])),
+            }
+        }
+        let context = mail::Context {
+            realm: &self.config.keycloak.realm,
+            domain: self.config.smtp.sender.email.domain(),
+            time_zone: self.config.time_zone,
+            user: None,
+            console: Some(self.keycloak.base_url().as_str()),
+            templates: self.templates.as_deref(),
+        };
+        let mut messages = Vec::new();
+        for (recipients, group) in &groups {
+            let rendered = mail::render_digest(group, &context);
+            let message = mail::build_message(rendered, &self.config.smtp, recipients)?;
+            messages.push((
+                message,
+                group.iter().map(|e| (*e).clone()).collect::<Vec<_>>(),
+            ));
+        }
+        for (message, group) in messages {
+            match self.deliver(&group, message, shutdown).await? {
+                Delivery::Mailed => summary.mailed += group.len(),
+                Delivery::DeadLettered => summary.dead_lettered += group.len(),
+                Delivery::Stopped => return Ok(false),
+            }
+            summary.digests += 1;
+        }
+        for (event, _) in rest {
+            match (stream, &mut self.admin) {
+                (Stream::Admin, Some((_, cursor))) => cursor.advance_past(event),
+                _ => self.cursor.advance_past(event),
+            }
+        }
+        self.persist(stream, shutdown).await?;
+        Ok(true)
+    }
+
+    /// Renders and sends one event's own mail.
+    async fn mail_one(
+        &mut self,
+        event: &Event,
+        shutdown: &CancellationToken,
+    ) -> Result<Delivery, PollError> {
+        let user = if event.kind.ends_with("_DELETE") {
+            None
+        } else {
+            self.look_up_user(event).await
+        };
+        let rendered = mail::render_with(
+            event,
+            &mail::Context {
+                realm: &self.config.keycloak.realm,
+                domain: self.config.smtp.sender.email.domain(),
+                time_zone: self.config.time_zone,
+                user: user.as_ref(),
+                console: Some(self.keycloak.base_url().as_str()),
+                templates: self.templates.as_deref(),
+            },
+        );
+        let message = mail::build_message(
+            rendered,
+            &self.config.smtp,
+            self.config.recipients_for(&event.kind),
+        )?;
+        let delivery = self
+            .deliver(std::slice::from_ref(event), message, shutdown)
+            .await?;
+        if matches!(delivery, Delivery::Mailed) {
+            self.sent.push_back(Instant::now());
+        }
+        Ok(delivery)
+    }
+
+    /// Whether one more mail now would exceed `NOTIFIER_RATE_LIMIT` (mails
+    /// in the last minute).
+    fn rate_limited(&mut self) -> bool {
+        let limit = self.config.rate_limit;
+        while self.sent.front().is_some_and(|t| t.elapsed() > RATE_WINDOW) {
+            self.sent.pop_front();
+        }
+        limit > 0 && self.sent.len() >= limit
     }
 
     /// Moves the stream's cursor past `event` and saves it.
@@ -585,12 +715,20 @@ impl<M: Mailer> Notifier<M> {
     /// as it takes; a permanent refusal goes to the dead-letter file.
     async fn deliver(
         &self,
-        event: &Event,
+        events: &[Event],
         message: Message,
         shutdown: &CancellationToken,
     ) -> Result<Delivery, PollError> {
         let realm = &self.config.keycloak.realm;
-        let event_id = event.id.as_deref().unwrap_or("-");
+        let Some(event) = events.first() else {
+            return Ok(Delivery::Mailed);
+        };
+        let event_id = if events.len() == 1 {
+            event.id.as_deref().unwrap_or("-").to_owned()
+        } else {
+            format!("digest of {} events", events.len())
+        };
+        let event_id = event_id.as_str();
         let mut delays = retry::backoff();
         for attempt in 1u64.. {
             let started = Instant::now();
@@ -601,7 +739,9 @@ impl<M: Mailer> Notifier<M> {
             let took = started.elapsed();
             match sent {
                 Ok(()) => {
-                    self.metrics.mailed(realm, &event.kind, took);
+                    for event in events {
+                        self.metrics.mailed(realm, &event.kind, took);
+                    }
                     info!(
                         realm = %realm,
                         r#type = %event.kind,
@@ -613,8 +753,10 @@ impl<M: Mailer> Notifier<M> {
                     return Ok(Delivery::Mailed);
                 }
                 Err(MailError::Permanent(reply)) => {
-                    self.dead_letters.append(event, &reply)?;
-                    self.metrics.dead_lettered(realm, &event.kind, took);
+                    for event in events {
+                        self.dead_letters.append(event, &reply)?;
+                        self.metrics.dead_lettered(realm, &event.kind, took);
+                    }
                     error!(
                         realm = %realm,
                         r#type = %event.kind,
@@ -881,6 +1023,7 @@ mod tests {
             mailed: 10,
             dead_lettered: 0,
             filtered: 0,
+            digests: 0,
             pages: 4,
         };
         assert_eq!(summary, expected);
@@ -1144,6 +1287,68 @@ mod tests {
                 .time,
             20
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_over_the_threshold_becomes_one_digest_listing_every_event() {
+        let server = keycloak_with(events()).await;
+        let state = tempfile::tempdir().unwrap();
+        let mut config = config(&server, state.path());
+        config.digest_threshold = 5;
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config, mailer.clone());
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.mailed, summary.digests), (10, 1));
+        assert_eq!(
+            *mailer.subjects.lock().unwrap(),
+            ["[Keycloak test] 10 events: LOGIN_ERROR"]
+        );
+        let raw = mailer.raw.lock().unwrap()[0].clone();
+        for i in 0..10 {
+            assert!(
+                raw.contains(&format!("LOGIN_ERROR  u{i}")),
+                "u{i} missing:\n{raw}"
+            );
+        }
+        assert!(
+            raw.contains("Message-ID: <kn-digest.test.e0.10@example.com>"),
+            "{raw}"
+        );
+        let saved = CursorStore::new(state.path(), "test")
+            .load()
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.time, 80, "the cursor moves past every digested event");
+        assert_eq!(
+            notifier
+                .poll(&CancellationToken::new())
+                .await
+                .unwrap()
+                .mailed,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_rate_limit_the_rest_of_a_poll_goes_into_a_digest() {
+        let server = keycloak_with(events()).await;
+        let state = tempfile::tempdir().unwrap();
+        let mut config = config(&server, state.path());
+        config.rate_limit = 3;
+        let mailer = Recorder::default();
+        let mut notifier = notifier(config, mailer.clone());
+        let summary = notifier.poll(&CancellationToken::new()).await.unwrap();
+        assert_eq!((summary.mailed, summary.digests), (10, 1));
+        let subjects = mailer.subjects.lock().unwrap().clone();
+        let mut expected = subjects_of(0..3);
+        expected.push("[Keycloak test] 7 events: LOGIN_ERROR".into());
+        assert_eq!(subjects, expected);
+    }
+
+    fn subjects_of(range: std::ops::Range<usize>) -> Vec<String> {
+        range
+            .map(|i| format!("[Keycloak test] LOGIN_ERROR: u{i}"))
+            .collect()
     }
 
     #[tokio::test]

@@ -16,7 +16,9 @@ use std::future::Future;
 use crate::config::SmtpConfig;
 use crate::event::Event;
 use crate::keycloak::UserInfo;
-use crate::templates::{Detail, EventView, MailView, Parts, Row, Templates, UserView};
+use crate::templates::{
+    Detail, DigestRow, DigestView, EventView, MailView, Parts, Row, Templates, UserView,
+};
 use chrono_tz::Tz;
 /// Subjects are cut to this many characters.
 pub const MAX_SUBJECT_CHARS: usize = 200;
@@ -119,6 +121,76 @@ pub fn render_with(event: &Event, context: &Context<'_>) -> Rendered {
             "<kn.{}.{}@{}>",
             id_safe(context.realm),
             id_safe(&event.dedupe_key()),
+            domain_safe(context.domain)
+        ),
+    }
+}
+
+/// Digests list at most this many events; the rest are counted.
+const MAX_DIGEST_ROWS: usize = 500;
+
+/// One mail for many events: a line each (up to [`MAX_DIGEST_ROWS`]) and
+/// the exact number it stands for. Its Message-ID is derived from the realm
+/// and the events, so a re-sent digest is recognisable too.
+pub fn render_digest(events: &[&Event], context: &Context<'_>) -> Rendered {
+    let realm = context.realm;
+    let mut types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    types.sort_unstable();
+    types.dedup();
+    let time =
+        |e: Option<&&Event>| e.map_or_else(String::new, |e| show_time(e.time, context.time_zone));
+    let rows = events
+        .iter()
+        .take(MAX_DIGEST_ROWS)
+        .map(|event| DigestRow {
+            time: show_time(event.time, context.time_zone),
+            kind: body_text(&event.kind),
+            who: body_text(&view(event, context).who),
+            ip: event.ip_address.as_deref().map(body_text),
+            client: event.client_id.as_deref().map(body_text),
+            error: event.error.as_deref().map(body_text),
+        })
+        .collect();
+    let digest = DigestView {
+        realm: body_text(realm),
+        version: env!("CARGO_PKG_VERSION"),
+        count: events.len(),
+        types: body_text(&types.join(", ")),
+        first_time: time(events.first()),
+        last_time: time(events.last()),
+        rows,
+        hidden: events.len().saturating_sub(MAX_DIGEST_ROWS),
+    };
+    let templates = context.templates.unwrap_or(&BUILTIN);
+    let parts = templates
+        .render_digest(&digest)
+        .or_else(|err| {
+            tracing::error!(error = %err, "the digest template failed; using the built-in one");
+            BUILTIN.render_digest(&digest)
+        })
+        .unwrap_or_else(|err| Parts {
+            subject: format!("[Keycloak {realm}] {} events", events.len()),
+            text: format!(
+                "{} events in realm {} (the digest template failed: {err}).\n",
+                events.len(),
+                body_text(realm)
+            ),
+            html: String::new(),
+        });
+    let first_key = events.first().map(|e| e.dedupe_key()).unwrap_or_default();
+    let mut body = parts.text;
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    Rendered {
+        subject: parts.subject,
+        body,
+        html: parts.html,
+        message_id: format!(
+            "<kn-digest.{}.{}.{}@{}>",
+            id_safe(realm),
+            id_safe(&first_key),
+            events.len(),
             domain_safe(context.domain)
         ),
     }

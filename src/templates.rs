@@ -48,6 +48,12 @@ const DEFAULTS: &[(&str, &str)] = &[
         "credential.html",
         include_str!("../templates/credential.html"),
     ),
+    (
+        "digest.subject.txt",
+        include_str!("../templates/digest.subject.txt"),
+    ),
+    ("digest.txt", include_str!("../templates/digest.txt")),
+    ("digest.html", include_str!("../templates/digest.html")),
     ("admin.txt", include_str!("../templates/admin.txt")),
     ("admin.html", include_str!("../templates/admin.html")),
 ];
@@ -136,6 +142,34 @@ pub struct MailView {
     pub user_link: Option<String>,
     /// The kind's colour in the HTML part.
     pub accent: &'static str,
+}
+
+/// One event's line in a digest.
+#[derive(Debug, Clone, Serialize)]
+pub struct DigestRow {
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub who: String,
+    pub ip: Option<String>,
+    pub client: Option<String>,
+    pub error: Option<String>,
+}
+
+/// What the digest templates see.
+#[derive(Debug, Clone, Serialize)]
+pub struct DigestView {
+    pub realm: String,
+    pub version: &'static str,
+    /// How many events the digest stands for (all of them).
+    pub count: usize,
+    /// The event types, comma-separated.
+    pub types: String,
+    pub first_time: String,
+    pub last_time: String,
+    pub rows: Vec<DigestRow>,
+    /// Events counted but not listed.
+    pub hidden: usize,
 }
 
 /// A rendered mail's parts.
@@ -250,6 +284,33 @@ impl Templates {
         })
     }
 
+    /// Renders a digest (`digest.subject.txt`, `digest.txt`, `digest.html`).
+    pub fn render_digest(&self, view: &DigestView) -> Result<Parts, TemplateError> {
+        let subject = self.render_named("digest.subject.txt", Value::from(Serde(view)))?;
+        let subject = crate::mail::header_text(&subject, crate::mail::MAX_SUBJECT_CHARS);
+        let text = self.render_named("digest.txt", Value::from(Serde(view)))?;
+        let context =
+            minijinja::context! { subject => subject.clone(), ..Value::from(Serde(view)) };
+        let html = self.render_named("digest.html", context)?;
+        Ok(Parts {
+            subject,
+            text,
+            html,
+        })
+    }
+
+    fn render_named(&self, name: &str, context: Value) -> Result<String, TemplateError> {
+        let invalid = |err: minijinja::Error| TemplateError::Invalid {
+            name: name.to_owned(),
+            reason: describe(&err),
+        };
+        self.env
+            .get_template(name)
+            .map_err(invalid)?
+            .render(context)
+            .map_err(invalid)
+    }
+
     fn render_first(
         &self,
         names: &[&str],
@@ -293,6 +354,25 @@ impl Templates {
             for full in [true, false] {
                 self.render(event_type, &MailView::sample(event_type, full))?;
             }
+        }
+        for hidden in [0, 3] {
+            self.render_digest(&DigestView {
+                realm: "example".into(),
+                version: env!("CARGO_PKG_VERSION"),
+                count: 2 + hidden,
+                types: "LOGIN_ERROR".into(),
+                first_time: "2026-01-01T00:00:00.000Z".into(),
+                last_time: "2026-01-01T00:00:01.000Z".into(),
+                rows: vec![DigestRow {
+                    time: "2026-01-01T00:00:00.000Z".into(),
+                    kind: "LOGIN_ERROR".into(),
+                    who: "alice".into(),
+                    ip: (hidden == 0).then(|| "192.0.2.1".into()),
+                    client: None,
+                    error: Some("user_not_found".into()),
+                }],
+                hidden,
+            })?;
         }
         Ok(())
     }

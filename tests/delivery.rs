@@ -212,3 +212,56 @@ async fn sigterm_while_smtp_is_down_exits_0_within_10_s_and_keeps_the_pending_ev
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_each_name_mailed_once(&pending, &mailbox.matching(&prefix).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_100_failed_logins_becomes_one_digest_naming_all_100() {
+    let stack = Stack::get();
+    let state = tempfile::tempdir().unwrap();
+    let admin = format!("{}@example.test", unique("digest"));
+    let mailbox = Mailbox::new(&stack, &admin);
+    let prefix = unique("burst");
+    let mut env = stack.notifier_env("LOGIN_ERROR", &admin, state.path());
+    env.insert("NOTIFIER_START_FROM".into(), seconds_ago(2));
+    env.insert("NOTIFIER_DIGEST_THRESHOLD".into(), "20".into());
+    let names = failed_logins(&stack, &prefix, 0..100).await;
+
+    let _notifier = NotifierProcess::start(&env, &state.path().join("notifier.log"));
+    // Other tests' failed logins of the same seconds may share the digest.
+    let deadline = Instant::now() + WAIT;
+    let digest = loop {
+        let mut found = None;
+        for mail in mailbox.list().await {
+            let text = mailbox.text(&mail.id).await;
+            if text.contains(&prefix) {
+                assert!(
+                    found.is_none(),
+                    "the burst is spread over more than one mail"
+                );
+                found = Some((mail, text));
+            }
+        }
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no digest arrived");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (mail, text) = digest;
+    assert!(
+        mail.subject.contains(" events: LOGIN_ERROR"),
+        "{}",
+        mail.subject
+    );
+    for name in &names {
+        assert_eq!(
+            text.matches(&format!("{name}\n")).count() + text.matches(&format!("{name} ")).count(),
+            1,
+            "{name} in:\n{text}"
+        );
+    }
+    assert!(
+        mail.message_id.starts_with("kn-digest.test."),
+        "{}",
+        mail.message_id
+    );
+}
