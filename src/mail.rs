@@ -376,12 +376,24 @@ pub fn test_mail(config: &crate::config::Config) -> Rendered {
 
 /// Text for a header: control characters (CR, LF, tabs, the Unicode line
 /// separators) become spaces, runs of spaces collapse, and the result is cut.
+/// Characters that must not reach a mail as they are: control characters,
+/// the Unicode line separators, and the bidirectional overrides and
+/// isolates, which can make text read differently from what it is (an IP
+/// address shown backwards). Letters of right-to-left scripts are fine.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 pub fn header_text(value: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(value.len().min(max_chars * 4));
     let mut chars = 0;
     let mut last_space = true;
     for c in value.chars() {
-        let c = if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || c.is_whitespace() {
+        let c = if is_unsafe(c) || c.is_whitespace() {
             ' '
         } else {
             c
@@ -414,7 +426,7 @@ pub fn body_text(value: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
+            c if is_unsafe(c) => {
                 let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
             }
             c => out.push(c),
