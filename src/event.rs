@@ -86,12 +86,7 @@ impl Event {
 
     /// Parses one page of the events endpoint.
     pub fn parse_page(body: &Value) -> Result<Vec<Event>, EventDecodeError> {
-        let items = body.as_array().ok_or(EventDecodeError::NotAnArray)?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(index, item)| Event::from_json(index, item))
-            .collect()
+        parse_items(body, Event::from_json)
     }
 
     fn from_json(index: usize, value: &Value) -> Result<Event, EventDecodeError> {
@@ -144,12 +139,7 @@ impl Event {
     /// and realm, and the representation when Keycloak stores it (its
     /// username and email are lifted out for the subject).
     pub fn parse_admin_page(body: &Value) -> Result<Vec<Event>, EventDecodeError> {
-        let items = body.as_array().ok_or(EventDecodeError::NotAnArray)?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(index, item)| Event::from_admin_json(index, item))
-            .collect()
+        parse_items(body, Event::from_admin_json)
     }
 
     fn from_admin_json(index: usize, value: &Value) -> Result<Event, EventDecodeError> {
@@ -221,6 +211,19 @@ impl Event {
             details,
         })
     }
+}
+
+/// Every item of a JSON array through `parse` (with its index, for errors).
+fn parse_items(
+    body: &Value,
+    parse: fn(usize, &Value) -> Result<Event, EventDecodeError>,
+) -> Result<Vec<Event>, EventDecodeError> {
+    let items = body.as_array().ok_or(EventDecodeError::NotAnArray)?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| parse(index, item))
+        .collect()
 }
 
 /// A JSON value as text: strings as they are, numbers and booleans written
