@@ -1345,12 +1345,6 @@ mod tests {
         assert_eq!(sent, expected);
     }
 
-    fn subjects_of(range: std::ops::Range<usize>) -> Vec<String> {
-        range
-            .map(|i| format!("[Keycloak test] LOGIN_ERROR: u{i}"))
-            .collect()
-    }
-
     #[tokio::test]
     async fn a_first_run_saves_its_starting_point_at_once() {
         let state = tempfile::tempdir().unwrap();
