@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::config::{Config, Credentials};
 use crate::cursor::CursorStore;
-use crate::keycloak::{KeycloakClient, event_settings_warnings};
+use crate::keycloak::{KeycloakClient, admin_events_warning, event_settings_warnings};
 use crate::smtp::SmtpMailer;
 
 /// The outcome of one check.
@@ -123,7 +123,11 @@ async fn realm_checks(config: &Config, keycloak: &mut KeycloakClient) -> Vec<Che
                 .ok()
                 .flatten()
                 .map_or(now, |c| c.since);
-            let warnings = event_settings_warnings(&settings, &config.event_types, since, now);
+            let mut warnings = event_settings_warnings(&settings, &config.event_types, since, now);
+            warnings.extend(admin_events_warning(
+                &settings,
+                !config.admin_events.is_empty(),
+            ));
             if warnings.is_empty() {
                 Ok(format!(
                     "events saved, including {}; {}",

@@ -840,12 +840,16 @@ async fn check_event_settings(keycloak: &mut KeycloakClient, config: &Config, cu
             return;
         }
     };
-    for warning in crate::keycloak::event_settings_warnings(
-        &settings,
-        &config.event_types,
-        cursor.since,
-        Utc::now().timestamp_millis(),
-    ) {
+    let admin = crate::keycloak::admin_events_warning(&settings, !config.admin_events.is_empty());
+    for warning in admin
+        .into_iter()
+        .chain(crate::keycloak::event_settings_warnings(
+            &settings,
+            &config.event_types,
+            cursor.since,
+            Utc::now().timestamp_millis(),
+        ))
+    {
         warn!(realm = %config.keycloak.realm, "{warning}");
     }
 }

@@ -548,6 +548,17 @@ pub struct EventsConfig {
     pub events_expiration: Option<i64>,
     #[serde(default)]
     pub enabled_event_types: Vec<String>,
+    #[serde(default)]
+    pub admin_events_enabled: bool,
+}
+
+/// The warning when admin events are watched but the realm saves none.
+pub fn admin_events_warning(settings: &EventsConfig, watched: bool) -> Option<String> {
+    (watched && !settings.admin_events_enabled).then(|| {
+        "the realm does not save admin events (Realm settings → Events → Admin events \
+         settings), so NOTIFIER_ADMIN_EVENTS never sees any"
+            .to_owned()
+    })
 }
 
 /// What in the realm's event settings would make mails go missing.
@@ -731,12 +742,29 @@ mod tests {
     }
 
     #[test]
+    fn watched_admin_events_need_the_realm_to_save_them() {
+        let off = EventsConfig::default();
+        assert!(
+            admin_events_warning(&off, true)
+                .unwrap()
+                .contains("does not save admin events")
+        );
+        assert_eq!(admin_events_warning(&off, false), None);
+        let on = EventsConfig {
+            admin_events_enabled: true,
+            ..EventsConfig::default()
+        };
+        assert_eq!(admin_events_warning(&on, true), None);
+    }
+
+    #[test]
     fn event_settings_that_lose_mails_are_warned_about() {
         let watched = vec!["REGISTER".to_owned(), "LOGIN_ERROR".to_owned()];
         let fine = EventsConfig {
             events_enabled: true,
             events_expiration: None,
             enabled_event_types: vec!["REGISTER".into(), "LOGIN_ERROR".into(), "LOGIN".into()],
+            admin_events_enabled: false,
         };
         assert!(event_settings_warnings(&fine, &watched, 0, 10_000_000).is_empty());
         let default_types = EventsConfig {
