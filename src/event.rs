@@ -90,13 +90,7 @@ impl Event {
     }
 
     fn from_json(index: usize, value: &Value) -> Result<Event, EventDecodeError> {
-        let object = value
-            .as_object()
-            .ok_or(EventDecodeError::NotAnObject { index })?;
-        let time = object
-            .get("time")
-            .and_then(Value::as_i64)
-            .ok_or(EventDecodeError::NoTime { index })?;
+        let (object, time) = object_with_time(index, value)?;
         let kind = object
             .get("type")
             .and_then(text)
@@ -143,13 +137,7 @@ impl Event {
     }
 
     fn from_admin_json(index: usize, value: &Value) -> Result<Event, EventDecodeError> {
-        let object = value
-            .as_object()
-            .ok_or(EventDecodeError::NotAnObject { index })?;
-        let time = object
-            .get("time")
-            .and_then(Value::as_i64)
-            .ok_or(EventDecodeError::NoTime { index })?;
+        let (object, time) = object_with_time(index, value)?;
         let field = |name: &str| object.get(name).and_then(text);
         let operation = field("operationType").ok_or(EventDecodeError::NoType { index })?;
         let resource = field("resourceType").unwrap_or_else(|| "UNKNOWN".into());
@@ -211,6 +199,21 @@ impl Event {
             details,
         })
     }
+}
+
+/// An event's JSON object and its `time`, which every event must have.
+fn object_with_time(
+    index: usize,
+    value: &Value,
+) -> Result<(&serde_json::Map<String, Value>, i64), EventDecodeError> {
+    let object = value
+        .as_object()
+        .ok_or(EventDecodeError::NotAnObject { index })?;
+    let time = object
+        .get("time")
+        .and_then(Value::as_i64)
+        .ok_or(EventDecodeError::NoTime { index })?;
+    Ok((object, time))
 }
 
 /// Every item of a JSON array through `parse` (with its index, for errors).

@@ -337,8 +337,23 @@ impl KeycloakClient {
         first: u32,
         max: u32,
     ) -> Result<Vec<Event>, KeycloakError> {
-        let url = self.url(&["admin", "realms", &self.realm, "events"]);
-        let mut query: Vec<(&str, String)> = types.iter().map(|t| ("type", t.clone())).collect();
+        let query = types.iter().map(|t| ("type", t.clone())).collect();
+        self.page("events", query, date_from, first, max, Event::parse_page)
+            .await
+    }
+
+    /// GETs `admin/realms/{realm}/{endpoint}` oldest first from `date_from`,
+    /// `first`/`max` apart, and parses the page with `parse`.
+    async fn page(
+        &mut self,
+        endpoint: &str,
+        mut query: Vec<(&'static str, String)>,
+        date_from: i64,
+        first: u32,
+        max: u32,
+        parse: fn(&serde_json::Value) -> Result<Vec<Event>, EventDecodeError>,
+    ) -> Result<Vec<Event>, KeycloakError> {
+        let url = self.url(&["admin", "realms", &self.realm, endpoint]);
         query.extend([
             ("direction", "asc".to_owned()),
             ("dateFrom", date_from.to_string()),
@@ -346,7 +361,7 @@ impl KeycloakClient {
             ("max", max.to_string()),
         ]);
         let body = self.get_json(&url, &query, "view-events").await?;
-        Event::parse_page(&body).map_err(|err: EventDecodeError| KeycloakError::Decode {
+        parse(&body).map_err(|err| KeycloakError::Decode {
             url: url.to_string(),
             reason: err.to_string(),
         })
@@ -363,8 +378,7 @@ impl KeycloakClient {
         first: u32,
         max: u32,
     ) -> Result<Vec<Event>, KeycloakError> {
-        let url = self.url(&["admin", "realms", &self.realm, "admin-events"]);
-        let mut query: Vec<(&str, String)> = Vec::new();
+        let mut query: Vec<(&'static str, String)> = Vec::new();
         if patterns.iter().all(|p| p.operation.is_some()) {
             let mut ops: Vec<&String> = patterns
                 .iter()
@@ -383,17 +397,15 @@ impl KeycloakClient {
             resources.dedup();
             query.extend(resources.into_iter().map(|r| ("resourceTypes", r.clone())));
         }
-        query.extend([
-            ("direction", "asc".to_owned()),
-            ("dateFrom", date_from.to_string()),
-            ("first", first.to_string()),
-            ("max", max.to_string()),
-        ]);
-        let body = self.get_json(&url, &query, "view-events").await?;
-        Event::parse_admin_page(&body).map_err(|err: EventDecodeError| KeycloakError::Decode {
-            url: url.to_string(),
-            reason: err.to_string(),
-        })
+        self.page(
+            "admin-events",
+            query,
+            date_from,
+            first,
+            max,
+            Event::parse_admin_page,
+        )
+        .await
     }
 
     /// The subject (`sub`) of the current access token: the notifier's own

@@ -109,21 +109,13 @@ pub fn render_with(event: &Event, context: &Context<'_>) -> Rendered {
         ),
         html: String::new(),
     });
-    let mut body = parts.text;
-    if !body.ends_with('\n') {
-        body.push('\n');
-    }
-    Rendered {
-        subject: parts.subject,
-        body,
-        html: parts.html,
-        message_id: format!(
-            "<kn.{}.{}@{}>",
-            id_safe(context.realm),
-            id_safe(&event.dedupe_key()),
-            domain_safe(context.domain)
-        ),
-    }
+    let message_id = format!(
+        "<kn.{}.{}@{}>",
+        id_safe(context.realm),
+        id_safe(&event.dedupe_key()),
+        domain_safe(context.domain)
+    );
+    finish(parts, message_id)
 }
 
 /// Digests list at most this many events; the rest are counted.
@@ -178,6 +170,18 @@ pub fn render_digest(events: &[&Event], context: &Context<'_>) -> Rendered {
             html: String::new(),
         });
     let first_key = events.first().map(|e| e.dedupe_key()).unwrap_or_default();
+    let message_id = format!(
+        "<kn-digest.{}.{}.{}@{}>",
+        id_safe(realm),
+        id_safe(&first_key),
+        events.len(),
+        domain_safe(context.domain)
+    );
+    finish(parts, message_id)
+}
+
+/// A rendered mail from its parts; the text part ends with a line break.
+fn finish(parts: Parts, message_id: String) -> Rendered {
     let mut body = parts.text;
     if !body.ends_with('\n') {
         body.push('\n');
@@ -186,13 +190,7 @@ pub fn render_digest(events: &[&Event], context: &Context<'_>) -> Rendered {
         subject: parts.subject,
         body,
         html: parts.html,
-        message_id: format!(
-            "<kn-digest.{}.{}.{}@{}>",
-            id_safe(realm),
-            id_safe(&first_key),
-            events.len(),
-            domain_safe(context.domain)
-        ),
+        message_id,
     }
 }
 
